@@ -1,0 +1,40 @@
+"""Pluggable vector indexes (plain Python, no Django).
+
+    from search.vector_index import create_index, load_index
+
+    index = create_index("faiss-flat", dim=768)
+    index.add(ids, unit_vectors)            # upsert by id
+    ids, scores = index.search(query, k=10)
+    sha = index.save("/data/index/v42.vidx")
+    index = load_index("/data/index/v42.vidx", checksum=sha)
+
+Backends are registered by name in ``registry.BACKENDS`` and imported lazily.
+"""
+
+from .base import (
+    ChecksumMismatch,
+    VectorIndex,
+    VectorIndexError,
+    atomic_write,
+    sha256_file,
+)
+from .registry import (
+    BACKENDS,
+    create_index,
+    get_backend,
+    load_index,
+    register_backend,
+)
+
+__all__ = [
+    "BACKENDS",
+    "ChecksumMismatch",
+    "VectorIndex",
+    "VectorIndexError",
+    "atomic_write",
+    "create_index",
+    "get_backend",
+    "load_index",
+    "register_backend",
+    "sha256_file",
+]

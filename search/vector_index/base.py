@@ -1,0 +1,380 @@
+"""The vector index contract, its typed errors, and the file format shared by
+every backend.
+
+A saved index is ONE file::
+
+    MAGIC (8 bytes) | header length (uint32, little endian) | JSON header | payload
+
+The JSON header names the backend, the dimension, the backend parameters and
+the number of stored vectors, so an index can be reopened without being told
+which backend wrote it (see ``registry.load_index``). The payload is whatever
+the backend produces in ``_serialize_payload``.
+
+Files are written atomically (temp file in the same directory, fsync,
+``os.replace``, fsync of the directory) and identified by the sha256 of their
+bytes, which ``save`` returns and ``load`` can verify.
+
+This module imports no Django and no vector library; backends import theirs.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import struct
+from typing import Any, BinaryIO, Callable, ClassVar
+
+import numpy as np
+
+__all__ = [
+    "ChecksumMismatch",
+    "FILE_FORMAT_VERSION",
+    "MAGIC",
+    "VectorIndex",
+    "VectorIndexError",
+    "atomic_write",
+    "read_index_file",
+    "sha256_file",
+]
+
+MAGIC = b"VECINDEX"
+FILE_FORMAT_VERSION = 1
+_HEADER_LEN = struct.Struct("<I")
+_MAX_HEADER_BYTES = 1 << 20
+
+
+class VectorIndexError(Exception):
+    """Bad input to an index, or an index file that cannot be read."""
+
+
+class ChecksumMismatch(VectorIndexError):
+    """An index file's sha256 differs from the expected one."""
+
+
+# --------------------------------------------------------------------------
+# Files: atomic write and sha256
+# --------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """File-like wrapper that feeds every written byte into a sha256."""
+
+    def __init__(self, raw: BinaryIO):
+        self._raw = raw
+        self._hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._raw.write(view)
+        return view.nbytes
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def _fsync_directory(directory: str) -> None:
+    # Makes the rename itself durable. Best effort: some platforms and
+    # filesystems cannot open or fsync a directory, and by now the new file is
+    # already in place, so a failure here must not report the save as failed.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> str:
+    """Write a file atomically and return the sha256 hex of its contents.
+
+    ``write`` receives a binary file-like object (only ``write`` is
+    available). The bytes go to a temp file in the destination directory,
+    which is flushed, fsynced and then renamed onto ``path``; the directory is
+    fsynced afterwards. If anything fails, the temp file is removed, the
+    exception propagates, and any existing file at ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp_path = os.path.join(
+        directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp"
+    )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    fd = os.open(tmp_path, flags, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            writer = _HashingWriter(raw)
+            write(writer)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_path)
+        raise
+    _fsync_directory(directory)
+    return writer.hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _encode_header(header: dict) -> bytes:
+    body = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    return MAGIC + _HEADER_LEN.pack(len(body)) + body
+
+
+def read_index_file(
+    path: str | os.PathLike, checksum: str | None = None
+) -> tuple[dict, memoryview]:
+    """Read an index file; return its header and a view of its payload.
+
+    Verifies the sha256 when ``checksum`` is given (``ChecksumMismatch``) and
+    raises ``VectorIndexError`` for missing, unreadable or malformed files.
+    """
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise VectorIndexError(f"cannot read index file {os.fspath(path)!r}: {exc}") from exc
+
+    if checksum is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if not hmac.compare_digest(actual, str(checksum).strip().lower()):
+            raise ChecksumMismatch(
+                f"index file {os.fspath(path)!r} has sha256 {actual}, expected {checksum}"
+            )
+
+    prefix = len(MAGIC) + _HEADER_LEN.size
+    if len(data) < prefix or not data.startswith(MAGIC):
+        raise VectorIndexError(f"{os.fspath(path)!r} is not a vector index file")
+    (header_len,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
+    if header_len > _MAX_HEADER_BYTES or prefix + header_len > len(data):
+        raise VectorIndexError(f"index file {os.fspath(path)!r} has a corrupt header")
+    try:
+        header = json.loads(data[prefix : prefix + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VectorIndexError(f"index file {os.fspath(path)!r} has a corrupt header") from exc
+
+    if (
+        not isinstance(header, dict)
+        or header.get("format") != FILE_FORMAT_VERSION
+        or not isinstance(header.get("backend"), str)
+        or not _is_int(header.get("dim"))
+        or not isinstance(header.get("params"), dict)
+        or not _is_int(header.get("count"))
+    ):
+        raise VectorIndexError(
+            f"index file {os.fspath(path)!r} has an unsupported or incomplete header"
+        )
+    return header, memoryview(data)[prefix + header_len :]
+
+
+# --------------------------------------------------------------------------
+# Input validation shared by backends
+# --------------------------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def as_ids(ids: Any) -> np.ndarray:
+    """Coerce ids to a contiguous 1-D int64 array of non-negative values.
+
+    -1 is the "no result" marker in search output, so negative ids are refused.
+    """
+    try:
+        arr = np.asarray(ids)
+    except Exception as exc:  # ragged lists and the like
+        raise VectorIndexError(f"ids are not an array: {exc}") from exc
+    if arr.ndim != 1:
+        raise VectorIndexError(f"ids must be 1-D, got shape {arr.shape}")
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind not in "iu":
+        raise VectorIndexError(f"ids must be integers, got dtype {arr.dtype}")
+    if arr.dtype.kind == "u" and arr.max() > np.iinfo(np.int64).max:
+        raise VectorIndexError("ids must fit in int64")
+    arr = np.ascontiguousarray(arr, dtype=np.int64)
+    if arr.min() < 0:
+        raise VectorIndexError("ids must be non-negative")
+    return arr
+
+
+def as_vectors(vectors: Any, dim: int, *, allow_single: bool = False) -> np.ndarray:
+    """Coerce vectors to a contiguous finite float32 array of shape (N, dim).
+
+    With ``allow_single`` a 1-D vector of length ``dim`` becomes (1, dim).
+    """
+    try:
+        arr = np.asarray(vectors)
+    except Exception as exc:
+        raise VectorIndexError(f"vectors are not an array: {exc}") from exc
+    if arr.dtype.kind not in "fiu":
+        raise VectorIndexError(f"vectors must be real numbers, got dtype {arr.dtype}")
+    if allow_single and arr.ndim == 1:
+        arr = arr.reshape(1, -1)
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise VectorIndexError(f"vectors must have shape (N, {dim}), got {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise VectorIndexError("vectors contain NaN or infinite values")
+    return arr
+
+
+def as_k(k: Any) -> int:
+    if not _is_int(k) or k < 1:
+        raise VectorIndexError(f"k must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def empty_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Search output with every slot empty: id -1, score -inf."""
+    return (
+        np.full((n_queries, k), -1, dtype=np.int64),
+        np.full((n_queries, k), -np.inf, dtype=np.float32),
+    )
+
+
+# --------------------------------------------------------------------------
+# The contract
+# --------------------------------------------------------------------------
+
+
+class VectorIndex(abc.ABC):
+    """A set of (int64 id, float32 vector) rows searchable by similarity.
+
+    Backends implement ``add``, ``remove``, ``search``, ``count``, ``ids`` and
+    the two payload hooks; saving, loading, checksums and the file header
+    live here. Searches may run concurrently with each other; mutations must
+    not run concurrently with anything else on the same instance.
+    """
+
+    backend: ClassVar[str]
+
+    def __init__(self, dim: int, **params: Any):
+        if not _is_int(dim) or dim < 1:
+            raise VectorIndexError(f"dim must be a positive integer, got {dim!r}")
+        try:
+            json.dumps(params, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise VectorIndexError(f"index parameters must be JSON-serialisable: {exc}") from exc
+        self.dim: int = int(dim)
+        self.params: dict = dict(params)
+
+    # -- data ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add(self, ids, vectors) -> None:
+        """Insert or replace rows: ids int64 (N,), vectors float32 (N, dim)."""
+
+    @abc.abstractmethod
+    def remove(self, ids) -> int:
+        """Remove rows by id; unknown ids are ignored. Returns how many went."""
+
+    @abc.abstractmethod
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows for each query, best first.
+
+        Returns (ids int64 (Q, k), scores float32 (Q, k)); slots beyond the
+        number of stored rows hold id -1 and score -inf. A 1-D query is
+        treated as (1, dim).
+        """
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """Number of stored rows."""
+
+    @abc.abstractmethod
+    def ids(self) -> np.ndarray:
+        """All stored ids, int64, sorted ascending."""
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} backend={self.backend!r} "
+            f"dim={self.dim} count={self.count()}>"
+        )
+
+    # -- persistence hooks for backends ---------------------------------------
+
+    @abc.abstractmethod
+    def _serialize_payload(self):
+        """The backend's state as a bytes-like object (the file payload)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _deserialize_payload(
+        cls, payload: memoryview, *, dim: int, params: dict, count: int
+    ) -> "VectorIndex":
+        """Rebuild an index from a payload; raise VectorIndexError if corrupt."""
+
+    # -- persistence ----------------------------------------------------------
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write the index to ``path`` atomically; return the file's sha256 hex.
+
+        Write failures propagate as raised (an ``OSError`` for a full disk,
+        for instance); an existing file at ``path`` is then left untouched.
+        """
+        header = _encode_header(
+            {
+                "format": FILE_FORMAT_VERSION,
+                "backend": self.backend,
+                "dim": self.dim,
+                "params": self.params,
+                "count": self.count(),
+            }
+        )
+
+        def write(fh) -> None:
+            fh.write(header)
+            fh.write(self._serialize_payload())
+
+        return atomic_write(path, write)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, checksum: str | None = None) -> "VectorIndex":
+        """Open a saved index, verifying its sha256 when ``checksum`` is given.
+
+        Called on ``VectorIndex`` itself, the backend is taken from the file;
+        called on a backend class, the file must have been written by it.
+        """
+        if cls is VectorIndex:
+            from .registry import load_index
+
+            return load_index(path, checksum=checksum)
+        header, payload = read_index_file(path, checksum)
+        if header["backend"] != cls.backend:
+            raise VectorIndexError(
+                f"index file {os.fspath(path)!r} holds a {header['backend']!r} index, "
+                f"not {cls.backend!r}"
+            )
+        return cls._from_file_parts(header, payload)
+
+    @classmethod
+    def _from_file_parts(cls, header: dict, payload: memoryview) -> "VectorIndex":
+        index = cls._deserialize_payload(
+            payload, dim=header["dim"], params=dict(header["params"]), count=header["count"]
+        )
+        if index.dim != header["dim"] or index.count() != header["count"]:
+            raise VectorIndexError("index payload does not match its header")
+        return index

@@ -1,0 +1,574 @@
+"""Behaviour of the vector index package: the FAISS exact backend, the file
+format (atomic save, checksums, backend-agnostic load) and the registry."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from search.vector_index import (
+    ChecksumMismatch,
+    VectorIndex,
+    VectorIndexError,
+    create_index,
+    get_backend,
+    load_index,
+    register_backend,
+    sha256_file,
+)
+from search.vector_index import base, registry
+
+DIM = 32
+BACKEND = "faiss-flat"
+
+
+def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def sparse_ids(n: int) -> np.ndarray:
+    # Large, non-contiguous external ids.
+    return 10_000_019 + 7_919 * np.arange(n, dtype=np.int64) ** 2
+
+
+@pytest.fixture
+def corpus():
+    return sparse_ids(500), unit_vectors(500, seed=1)
+
+
+@pytest.fixture
+def index(corpus):
+    ids, vectors = corpus
+    idx = create_index(BACKEND, DIM)
+    idx.add(ids, vectors)
+    return idx
+
+
+@pytest.fixture
+def restore_registry():
+    backends, classes = dict(registry.BACKENDS), dict(registry._classes)
+    yield
+    registry.BACKENDS.clear()
+    registry.BACKENDS.update(backends)
+    registry._classes.clear()
+    registry._classes.update(classes)
+
+
+def brute_force(ids, vectors, queries, k):
+    scores = queries @ vectors.T
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(scores, order, axis=1)
+
+
+# --------------------------------------------------------------------------
+# Search
+# --------------------------------------------------------------------------
+
+
+def test_search_returns_exact_nearest_neighbours_by_external_id(index, corpus):
+    ids, vectors = corpus
+    queries = unit_vectors(20, seed=2)
+
+    got_ids, got_scores = index.search(queries, k=10)
+    want_ids, want_scores = brute_force(ids, vectors, queries, 10)
+
+    assert got_ids.dtype == np.int64 and got_ids.shape == (20, 10)
+    assert got_scores.dtype == np.float32 and got_scores.shape == (20, 10)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-5)
+
+
+def test_scores_are_the_dot_products_of_query_and_returned_vector(index, corpus):
+    ids, vectors = corpus
+    by_id = dict(zip(ids.tolist(), vectors))
+    query = unit_vectors(1, seed=3)[0]
+
+    got_ids, got_scores = index.search(query, k=25)
+
+    expected = np.array([by_id[i] @ query for i in got_ids[0]], dtype=np.float32)
+    np.testing.assert_allclose(got_scores[0], expected, rtol=0, atol=1e-5)
+    assert np.all(np.diff(got_scores[0]) <= 0), "results are best first"
+
+
+def test_a_single_1d_query_is_treated_as_one_row(index, corpus):
+    query = unit_vectors(1, seed=4)
+    ids_2d, scores_2d = index.search(query, k=5)
+    ids_1d, scores_1d = index.search(query[0], k=5)
+    assert ids_1d.shape == (1, 5)
+    np.testing.assert_array_equal(ids_1d, ids_2d)
+    np.testing.assert_array_equal(scores_1d, scores_2d)
+
+
+def test_a_stored_vector_is_its_own_best_match(index, corpus):
+    ids, vectors = corpus
+    got_ids, got_scores = index.search(vectors[:50], k=1)
+    np.testing.assert_array_equal(got_ids[:, 0], ids[:50])
+    np.testing.assert_allclose(got_scores[:, 0], 1.0, atol=1e-5)
+
+
+def test_k_larger_than_count_pads_with_minus_one_and_minus_inf():
+    idx = create_index(BACKEND, DIM)
+    idx.add([5, 9, 2], unit_vectors(3))
+
+    got_ids, got_scores = idx.search(unit_vectors(2, seed=5), k=6)
+
+    assert got_ids.shape == got_scores.shape == (2, 6)
+    assert sorted(got_ids[0, :3].tolist()) == [2, 5, 9]
+    assert (got_ids[:, 3:] == -1).all()
+    assert np.isneginf(got_scores[:, 3:]).all()
+    assert np.isfinite(got_scores[:, :3]).all()
+
+
+def test_searching_an_empty_index_returns_only_padding():
+    idx = create_index(BACKEND, DIM)
+    got_ids, got_scores = idx.search(unit_vectors(3), k=4)
+    assert (got_ids == -1).all() and np.isneginf(got_scores).all()
+    assert got_ids.shape == (3, 4)
+
+
+# --------------------------------------------------------------------------
+# Upsert and remove
+# --------------------------------------------------------------------------
+
+
+def test_adding_an_existing_id_replaces_its_vector_without_duplicating(index, corpus):
+    ids, vectors = corpus
+    target = int(ids[123])
+    new_vector = -vectors[123]  # the exact opposite direction
+
+    index.add([target], new_vector[None, :])
+
+    assert index.count() == len(index) == 500
+    np.testing.assert_array_equal(index.ids(), np.sort(ids))
+    got_ids, got_scores = index.search(new_vector, k=3)
+    assert got_ids[0, 0] == target
+    assert target not in got_ids[0, 1:]
+    assert got_scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+    # The old vector is gone: it no longer finds the target as its best match.
+    old_ids, _ = index.search(vectors[123], k=500)
+    assert old_ids[0, -1] == target
+    assert np.count_nonzero(old_ids == target) == 1
+
+
+def test_an_id_repeated_within_one_batch_keeps_its_last_vector():
+    idx = create_index(BACKEND, DIM)
+    v = unit_vectors(3, seed=6)
+    idx.add([7, 8, 7], v)
+
+    assert idx.count() == 2
+    np.testing.assert_array_equal(idx.ids(), [7, 8])
+    got_ids, got_scores = idx.search(v[2], k=2)
+    assert got_ids[0, 0] == 7
+    assert got_scores[0, 0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_upsert_mixing_new_and_existing_ids():
+    idx = create_index(BACKEND, DIM)
+    idx.add([1, 2, 3], unit_vectors(3, seed=7))
+    idx.add([3, 4], unit_vectors(2, seed=8))
+    assert idx.count() == 4
+    np.testing.assert_array_equal(idx.ids(), [1, 2, 3, 4])
+
+
+def test_remove_deletes_rows_counts_them_and_ignores_unknown_ids(index, corpus):
+    ids, vectors = corpus
+    gone = ids[:10]
+
+    removed = index.remove(np.concatenate([gone, [1, 2, 999_999_999_999]]))
+
+    assert removed == 10
+    assert index.count() == 490
+    np.testing.assert_array_equal(index.ids(), np.sort(ids[10:]))
+    got_ids, _ = index.search(vectors[:10], k=490)
+    assert not np.isin(got_ids, gone).any()
+    assert index.remove(gone) == 0
+    assert index.remove([]) == 0
+
+
+def test_removing_everything_leaves_an_empty_searchable_index(index, corpus):
+    ids, _ = corpus
+    assert index.remove(ids) == 500
+    assert index.count() == 0
+    assert index.ids().dtype == np.int64 and index.ids().size == 0
+    got_ids, _ = index.search(unit_vectors(1), k=3)
+    assert (got_ids == -1).all()
+
+
+# --------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "ids, vectors",
+    [
+        pytest.param([1, 2], unit_vectors(2, dim=DIM + 1), id="wrong-dim"),
+        pytest.param([1, 2, 3], unit_vectors(2), id="fewer-vectors-than-ids"),
+        pytest.param([1], unit_vectors(2), id="more-vectors-than-ids"),
+        pytest.param([1], unit_vectors(1)[0], id="1d-vector-on-add"),
+        pytest.param([[1, 2]], unit_vectors(2), id="2d-ids"),
+        pytest.param([1.0, 2.0], unit_vectors(2), id="float-ids"),
+        pytest.param([-1, 2], unit_vectors(2), id="negative-id"),
+        pytest.param([1, 2], np.array([["a"] * DIM] * 2), id="string-vectors"),
+    ],
+)
+def test_malformed_add_raises_vector_index_error(ids, vectors):
+    idx = create_index(BACKEND, DIM)
+    with pytest.raises(VectorIndexError):
+        idx.add(ids, vectors)
+    assert idx.count() == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_vectors_and_queries_are_refused(bad):
+    idx = create_index(BACKEND, DIM)
+    v = unit_vectors(2)
+    v[1, 3] = bad
+    with pytest.raises(VectorIndexError):
+        idx.add([1, 2], v)
+    assert idx.count() == 0
+    with pytest.raises(VectorIndexError):
+        idx.search(v, k=1)
+
+
+@pytest.mark.parametrize("k", [0, -1, 1.5, True, "3", None])
+def test_k_must_be_a_positive_integer(index, k):
+    with pytest.raises(VectorIndexError):
+        index.search(unit_vectors(1), k=k)
+
+
+def test_query_of_the_wrong_dimension_is_refused(index):
+    with pytest.raises(VectorIndexError):
+        index.search(unit_vectors(1, dim=DIM - 1), k=1)
+
+
+def test_vectors_are_coerced_to_float32_and_ids_to_int64():
+    idx = create_index(BACKEND, DIM)
+    v = unit_vectors(3).astype(np.float64)
+    idx.add(np.array([3, 1, 2], dtype=np.int32), np.asfortranarray(v))
+    got_ids, _ = idx.search(v[0], k=1)
+    assert got_ids.dtype == np.int64 and got_ids[0, 0] == 3
+
+
+@pytest.mark.parametrize("dim", [0, -3, 2.0, "8", True])
+def test_dimension_must_be_a_positive_integer(dim):
+    with pytest.raises(VectorIndexError):
+        create_index(BACKEND, dim)
+
+
+def test_flat_backend_refuses_unknown_parameters():
+    with pytest.raises(VectorIndexError):
+        create_index(BACKEND, DIM, nlist=100)
+
+
+# --------------------------------------------------------------------------
+# Save / load
+# --------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_gives_identical_results(index, tmp_path):
+    path = tmp_path / "index.vidx"
+    checksum = index.save(path)
+
+    assert checksum == sha256_file(path)
+    loaded = type(index).load(path, checksum=checksum)
+
+    assert isinstance(loaded, type(index))
+    assert loaded.dim == DIM and loaded.params == {} and loaded.count() == 500
+    np.testing.assert_array_equal(loaded.ids(), index.ids())
+    queries = unit_vectors(15, seed=9)
+    for got, want in zip(loaded.search(queries, k=20), index.search(queries, k=20)):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_registry_load_index_reopens_a_file_without_naming_the_backend(index, tmp_path):
+    path = tmp_path / "index.vidx"
+    checksum = index.save(str(path))
+
+    for loaded in (load_index(path, checksum=checksum), VectorIndex.load(path)):
+        assert loaded.backend == BACKEND
+        assert loaded.dim == DIM
+        np.testing.assert_array_equal(loaded.ids(), index.ids())
+
+
+def test_loaded_index_stays_mutable(index, tmp_path):
+    path = tmp_path / "index.vidx"
+    index.save(path)
+    loaded = load_index(path)
+    loaded.add([1], unit_vectors(1, seed=10))
+    loaded.remove([int(index.ids()[0])])
+    assert loaded.count() == 500
+
+
+def test_saving_the_same_index_twice_gives_the_same_checksum(index, tmp_path):
+    assert index.save(tmp_path / "a.vidx") == index.save(tmp_path / "b.vidx")
+
+
+def test_tampered_file_fails_checksum_verification(index, tmp_path):
+    path = tmp_path / "index.vidx"
+    checksum = index.save(path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(ChecksumMismatch):
+        load_index(path, checksum=checksum)
+    with pytest.raises(ChecksumMismatch):
+        type(index).load(path, checksum=checksum)
+    assert issubclass(ChecksumMismatch, VectorIndexError)
+
+
+def test_checksum_comparison_ignores_case(index, tmp_path):
+    path = tmp_path / "index.vidx"
+    checksum = index.save(path)
+    assert load_index(path, checksum=checksum.upper()).count() == 500
+
+
+def test_missing_file_raises_vector_index_error(tmp_path):
+    with pytest.raises(VectorIndexError):
+        load_index(tmp_path / "nope.vidx")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda data: b"", id="empty"),
+        pytest.param(lambda data: b"not an index at all", id="garbage"),
+        pytest.param(lambda data: data[:-100], id="truncated-payload"),
+        pytest.param(lambda data: data[:20], id="truncated-header"),
+        pytest.param(lambda data: data[:12] + b"[" + data[13:], id="broken-json"),
+    ],
+)
+def test_corrupt_file_raises_vector_index_error(index, tmp_path, mangle):
+    path = tmp_path / "index.vidx"
+    index.save(path)
+    path.write_bytes(mangle(path.read_bytes()))
+    with pytest.raises(VectorIndexError):
+        load_index(path)
+
+
+def test_file_of_another_backend_is_refused_by_a_backend_class(tmp_path, restore_registry):
+    register_backend("toy", f"{__name__}.ToyIndex")
+    path = tmp_path / "toy.vidx"
+    create_index("toy", 4).save(path)
+    with pytest.raises(VectorIndexError, match="toy"):
+        get_backend(BACKEND).load(path)
+
+
+# --------------------------------------------------------------------------
+# Atomic write
+# --------------------------------------------------------------------------
+
+
+def _leftovers(directory, keep):
+    return sorted(p.name for p in directory.iterdir() if p.name not in keep)
+
+
+def test_failure_while_writing_leaves_old_file_intact_and_no_temp_file(
+    index, tmp_path, monkeypatch
+):
+    path = tmp_path / "index.vidx"
+    old_checksum = index.save(path)
+
+    bigger = create_index(BACKEND, DIM)
+    bigger.add(sparse_ids(600), unit_vectors(600, seed=11))
+
+    def fail(self):
+        raise RuntimeError("disk on fire")
+
+    # The header has already been written to the temp file when this fails.
+    monkeypatch.setattr(type(bigger), "_serialize_payload", fail)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        bigger.save(path)
+
+    assert _leftovers(tmp_path, {"index.vidx"}) == []
+    assert sha256_file(path) == old_checksum
+    assert load_index(path, checksum=old_checksum).count() == 500
+
+
+def test_failure_at_rename_leaves_old_file_intact_and_no_temp_file(
+    index, tmp_path, monkeypatch
+):
+    path = tmp_path / "index.vidx"
+    old_checksum = index.save(path)
+    index.remove(index.ids()[:100])
+
+    def fail(src, dst):
+        raise OSError("rename refused")
+
+    monkeypatch.setattr(base.os, "replace", fail)
+    with pytest.raises(OSError, match="rename refused"):
+        index.save(path)
+    monkeypatch.undo()
+
+    assert _leftovers(tmp_path, {"index.vidx"}) == []
+    assert load_index(path, checksum=old_checksum).count() == 500
+
+
+def test_failure_at_fsync_leaves_no_temp_file(index, tmp_path, monkeypatch):
+    path = tmp_path / "index.vidx"
+
+    def fail(fd):
+        raise OSError("fsync failed")
+
+    monkeypatch.setattr(base.os, "fsync", fail)
+    with pytest.raises(OSError, match="fsync failed"):
+        index.save(path)
+    monkeypatch.undo()
+
+    assert _leftovers(tmp_path, set()) == []
+
+
+def test_save_replaces_an_existing_file(index, tmp_path):
+    path = tmp_path / "index.vidx"
+    first = index.save(path)
+    index.remove(index.ids()[:1])
+    second = index.save(path)
+    assert first != second
+    assert load_index(path, checksum=second).count() == 499
+    assert _leftovers(tmp_path, {"index.vidx"}) == []
+
+
+def test_atomic_write_returns_the_sha256_of_the_written_bytes(tmp_path):
+    path = tmp_path / "blob"
+
+    def write(fh):
+        fh.write(b"hello ")
+        fh.write(np.frombuffer(b"world", dtype=np.uint8))
+
+    digest = base.atomic_write(path, write)
+    assert path.read_bytes() == b"hello world"
+    assert digest == sha256_file(path)
+
+
+# --------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------
+
+
+def test_unknown_backend_raises_naming_the_known_backends():
+    with pytest.raises(VectorIndexError) as excinfo:
+        get_backend("annoy")
+    assert "annoy" in str(excinfo.value)
+    assert BACKEND in str(excinfo.value)
+    with pytest.raises(VectorIndexError):
+        create_index("annoy", DIM)
+
+
+def test_backend_module_is_imported_on_first_use(monkeypatch):
+    module_name = "search.vector_index.faiss_flat"
+    import search.vector_index as package
+
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    monkeypatch.delattr(package, "faiss_flat", raising=False)
+    monkeypatch.setattr(registry, "_classes", {})
+
+    assert module_name not in sys.modules
+    cls = get_backend(BACKEND)
+    assert module_name in sys.modules
+    assert cls.__module__ == module_name
+    assert get_backend(BACKEND) is cls, "the class is cached after the first import"
+
+
+def test_registered_backends_plug_in_and_reload_from_files(tmp_path, restore_registry):
+    register_backend("toy", f"{__name__}.ToyIndex")
+    toy = create_index("toy", 4, metric="ip")
+    v = unit_vectors(3, dim=4, seed=12)
+    toy.add([30, 10, 20], v)
+
+    path = tmp_path / "toy.vidx"
+    checksum = toy.save(path)
+    loaded = load_index(path, checksum=checksum)
+
+    assert type(loaded).__name__ == "ToyIndex"
+    assert loaded.params == {"metric": "ip"}
+    np.testing.assert_array_equal(loaded.ids(), [10, 20, 30])
+    got_ids, _ = loaded.search(v[1], k=1)
+    assert got_ids[0, 0] == 10
+
+
+def test_register_backend_checks_the_class_and_the_path(restore_registry):
+    with pytest.raises(VectorIndexError):
+        register_backend("bad", "NoDots")
+    register_backend("missing-module", "search.vector_index.no_such_module.Index")
+    with pytest.raises(VectorIndexError, match="cannot be imported"):
+        get_backend("missing-module")
+    register_backend("not-an-index", f"{__name__}.unit_vectors")
+    with pytest.raises(VectorIndexError, match="not a VectorIndex"):
+        get_backend("not-an-index")
+    register_backend("misnamed", f"{__name__}.ToyIndex")
+    with pytest.raises(VectorIndexError, match="registered as"):
+        get_backend("misnamed")
+
+
+def test_loading_a_file_of_an_unregistered_backend_names_it(tmp_path, restore_registry):
+    register_backend("toy", f"{__name__}.ToyIndex")
+    path = tmp_path / "toy.vidx"
+    create_index("toy", 4).save(path)
+    del registry.BACKENDS["toy"]
+    registry._classes.pop("toy", None)
+    with pytest.raises(VectorIndexError, match="toy"):
+        load_index(path)
+
+
+# --------------------------------------------------------------------------
+# A minimal second backend, showing what a plug-in has to provide
+# --------------------------------------------------------------------------
+
+
+class ToyIndex(VectorIndex):
+    """Brute-force numpy index; state serialised as raw id and vector bytes."""
+
+    backend = "toy"
+
+    def __init__(self, dim, **params):
+        super().__init__(dim, **params)
+        self._rows: dict[int, np.ndarray] = {}
+
+    def add(self, ids, vectors):
+        ids = base.as_ids(ids)
+        vectors = base.as_vectors(vectors, self.dim)
+        if len(ids) != len(vectors):
+            raise VectorIndexError("length mismatch")
+        self._rows.update(zip(ids.tolist(), vectors))
+
+    def remove(self, ids):
+        return sum(self._rows.pop(i, None) is not None for i in base.as_ids(ids).tolist())
+
+    def search(self, queries, k):
+        queries = base.as_vectors(queries, self.dim, allow_single=True)
+        k = base.as_k(k)
+        out_ids, out_scores = base.empty_results(len(queries), k)
+        if self._rows:
+            ids = np.array(list(self._rows), dtype=np.int64)
+            found_ids, found_scores = brute_force(
+                ids, np.stack(list(self._rows.values())), queries, k
+            )
+            out_ids[:, : found_ids.shape[1]] = found_ids
+            out_scores[:, : found_ids.shape[1]] = found_scores
+        return out_ids, out_scores
+
+    def count(self):
+        return len(self._rows)
+
+    def ids(self):
+        return np.array(sorted(self._rows), dtype=np.int64)
+
+    def _serialize_payload(self):
+        ids = self.ids()
+        vectors = np.empty((len(ids), self.dim), dtype=np.float32)
+        for row, i in enumerate(ids.tolist()):
+            vectors[row] = self._rows[i]
+        return ids.tobytes() + vectors.tobytes()
+
+    @classmethod
+    def _deserialize_payload(cls, payload, *, dim, params, count):
+        ids = np.frombuffer(payload, dtype=np.int64, count=count)
+        vectors = np.frombuffer(payload, dtype=np.float32, offset=8 * count).reshape(count, dim)
+        index = cls(dim, **params)
+        index.add(ids, vectors)
+        return index
