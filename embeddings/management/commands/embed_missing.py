@@ -1,0 +1,37 @@
+from django.core.management.base import BaseCommand
+from django.db.models import Exists, OuterRef, Q
+
+from embeddings.models import Embedding
+from embeddings.services import active_model
+from embeddings.tasks import embed_asset
+from search.models import Caption, ImageAsset
+
+
+def assets_missing_vectors(model):
+    """Assets whose image or any caption has no vector for the model."""
+    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
+    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
+        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
+    )
+    return ImageAsset.objects.filter(~Q(Exists(image_done)) | Q(Exists(caption_missing)))
+
+
+class Command(BaseCommand):
+    help = "Queue embedding for every asset that lacks vectors for the active model."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--now", action="store_true", help="embed in this process instead of queueing")
+
+    def handle(self, *args, now=False, **options):
+        from tqdm import tqdm
+
+        from embeddings import services
+
+        model = active_model()
+        ids = list(assets_missing_vectors(model).values_list("pk", flat=True))
+        for asset_id in tqdm(ids, desc="embedding" if now else "queueing", unit="image", disable=not ids):
+            if now:
+                services.embed_asset(asset_id, model)
+            else:
+                embed_asset.delay(asset_id)
+        self.stdout.write(f"{len(ids)} assets {'embedded' if now else 'queued'} for {model.name}.")

@@ -1,0 +1,80 @@
+import numpy as np
+from django.db import models, transaction
+from django.db.models import Q
+
+
+class EmbeddingModel(models.Model):
+    """A SigLIP checkpoint the portal embeds with. One is active at a time."""
+
+    class Kind(models.TextChoices):
+        PRETRAINED = "pretrained", "pretrained"
+        FINE_TUNED = "fine-tuned", "fine-tuned"
+        DEMO = "demo", "offline demo (trained on generated shapes)"
+        RANDOM = "random", "random weights (results are meaningless)"
+
+    name = models.CharField(max_length=200, unique=True)
+    source = models.CharField(max_length=500, help_text="Hub id or local checkpoint directory.")
+    kind = models.CharField(max_length=20, choices=Kind.choices, default=Kind.PRETRAINED)
+    dimension = models.PositiveIntegerField()
+    image_size = models.PositiveIntegerField()
+    is_active = models.BooleanField(default=False)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_active"], condition=Q(is_active=True), name="one_active_embedding_model"
+            )
+        ]
+
+    def __str__(self):
+        return self.name
+
+    @classmethod
+    def active(cls):
+        return cls.objects.filter(is_active=True).first()
+
+    def activate(self):
+        with transaction.atomic():
+            EmbeddingModel.objects.filter(is_active=True).exclude(pk=self.pk).update(is_active=False)
+            EmbeddingModel.objects.filter(pk=self.pk).update(is_active=True)
+        self.is_active = True
+
+
+class Embedding(models.Model):
+    """One L2-normalised float32 vector of an image or of a caption."""
+
+    model = models.ForeignKey(EmbeddingModel, on_delete=models.CASCADE, related_name="embeddings")
+    asset = models.ForeignKey(
+        "search.ImageAsset", null=True, blank=True, on_delete=models.CASCADE, related_name="embeddings"
+    )
+    caption = models.ForeignKey(
+        "search.Caption", null=True, blank=True, on_delete=models.CASCADE, related_name="embeddings"
+    )
+    vector = models.BinaryField(help_text="float32, little-endian")
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(asset__isnull=False) & Q(caption__isnull=True))
+                | (Q(asset__isnull=True) & Q(caption__isnull=False)),
+                name="embedding_of_image_or_caption",
+            ),
+            models.UniqueConstraint(
+                fields=["model", "asset"], condition=Q(asset__isnull=False), name="one_embedding_per_image"
+            ),
+            models.UniqueConstraint(
+                fields=["model", "caption"],
+                condition=Q(caption__isnull=False),
+                name="one_embedding_per_caption",
+            ),
+        ]
+
+    @staticmethod
+    def pack(vector) -> bytes:
+        return np.asarray(vector, dtype="<f4").tobytes()
+
+    @property
+    def array(self) -> np.ndarray:
+        return np.frombuffer(bytes(self.vector), dtype="<f4")

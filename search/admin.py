@@ -1,0 +1,200 @@
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.shortcuts import redirect, render
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from embeddings.models import EmbeddingModel
+
+from . import ingest
+from .indexing import schedule_index_sync
+from .models import Caption, ImageAsset, IndexBuild, normalise_text
+
+
+class CaptionFormSet(forms.BaseInlineFormSet):
+    def clean(self):
+        super().clean()
+        seen = set()
+        if self.instance.pk:
+            kept = {f.instance.pk for f in self.forms if f.instance.pk}
+            seen = set(Caption.objects.filter(asset=self.instance).exclude(pk__in=kept)
+                       .values_list("normalized_text", flat=True))
+        for form in self.forms:
+            if not form.cleaned_data or form.cleaned_data.get("DELETE"):
+                continue
+            key = normalise_text(form.cleaned_data.get("text", ""))
+            if key in seen:
+                form.add_error("text", "The same caption is given twice.")
+            seen.add(key)
+
+
+class CaptionInline(admin.TabularInline):
+    model = Caption
+    formset = CaptionFormSet
+    fields = ["text"]
+    extra = 3
+
+
+class ImageAssetAddForm(forms.ModelForm):
+    """The add form takes the image through the same checks as every upload."""
+
+    image = forms.FileField(help_text="JPEG, PNG, GIF, WebP, BMP or TIFF.")
+
+    class Meta:
+        model = ImageAsset
+        fields = ["collection"]
+
+    def clean_image(self):
+        upload = self.cleaned_data["image"]
+        data = upload.read()
+        try:
+            self.image_info = ingest.inspect_image(data)
+        except ingest.InvalidUpload as exc:
+            raise ValidationError(str(exc)) from exc
+        self.image_bytes, self.image_name = data, upload.name
+        return upload
+
+
+class MultipleFileInput(forms.ClearableFileInput):
+    allow_multiple_selected = True
+
+
+class MultipleFileField(forms.FileField):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("widget", MultipleFileInput())
+        super().__init__(*args, **kwargs)
+
+    def clean(self, data, initial=None):
+        if isinstance(data, (list, tuple)):
+            return [super(MultipleFileField, self).clean(d, initial) for d in data]
+        return [super().clean(data, initial)] if data else []
+
+
+class BulkUploadForm(forms.Form):
+    images = MultipleFileField(required=False, label="Image files")
+    archive = forms.FileField(required=False, label="…or a zip of images",
+                              help_text="May hold captions.json ({\"a.jpg\": [\"…\"]}) or captions.tsv (file<TAB>caption).")
+    captions = forms.FileField(required=False, label="Captions file",
+                               help_text="captions.json or captions.tsv for the image files above.")
+    collection = forms.CharField(required=False, max_length=100)
+
+    def clean(self):
+        data = super().clean()
+        if not data.get("images") and not data.get("archive"):
+            raise ValidationError("Choose image files or a zip archive.")
+        return data
+
+
+@admin.register(ImageAsset)
+class ImageAssetAdmin(admin.ModelAdmin):
+    list_display = ["id", "thumbnail", "original_name", "collection", "status", "width", "height", "created"]
+    list_filter = ["status", "collection", "format"]
+    search_fields = ["original_name", "captions__text", "sha256"]
+    readonly_fields = ["thumbnail", "sha256", "width", "height", "format", "status", "error", "uploaded_by", "created"]
+    inlines = [CaptionInline]
+    actions = ["reembed"]
+    change_list_template = "admin/search/imageasset/change_list.html"
+
+    @admin.display(description="image")
+    def thumbnail(self, obj):
+        return format_html('<img src="{}" style="height:48px">', obj.file.url) if obj.file else ""
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = ImageAssetAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["image", "collection"]
+        return ["thumbnail", "collection", "sha256", "width", "height", "format", "status", "error", "uploaded_by", "created"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.readonly_fields
+
+    def save_model(self, request, obj, form, change):
+        if change:
+            return super().save_model(request, obj, form, change)
+        result = ingest.ingest_image(form.image_bytes, [], original_name=form.image_name,
+                                     user=request.user, collection=form.cleaned_data.get("collection", ""),
+                                     queue_embedding=False)
+        # The admin keeps using `obj`: make it the stored row.
+        for field in ImageAsset._meta.concrete_fields:
+            setattr(obj, field.attname, getattr(result.asset, field.attname))
+        obj._state = result.asset._state
+        if not result.created:
+            messages.info(request, "This image was already in the collection; its captions were added to it.")
+
+    def save_formset(self, request, form, formset, change):
+        if change:
+            super().save_formset(request, form, formset, change)
+            ingest.queue_embed(form.instance.pk)  # new captions get vectors; existing ones are skipped
+            return
+        texts = [f.cleaned_data["text"] for f in formset.forms
+                 if f.cleaned_data and not f.cleaned_data.get("DELETE") and f.cleaned_data.get("text")]
+        ingest.add_captions(form.instance, texts, created=True)
+
+    def delete_model(self, request, obj):
+        self.delete_queryset(request, ImageAsset.objects.filter(pk=obj.pk))
+
+    def delete_queryset(self, request, queryset):
+        names = list(queryset.values_list("file", flat=True))
+        with transaction.atomic():
+            queryset.delete()
+            for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
+                schedule_index_sync(model_id)
+        storage = ImageAsset._meta.get_field("file").storage
+        for name in names:
+            storage.delete(name)
+
+    @admin.action(description="Embed again (missing vectors only)")
+    def reembed(self, request, queryset):
+        for asset_id in queryset.values_list("pk", flat=True):
+            ingest.queue_embed(asset_id)
+
+    def get_urls(self):
+        return [
+            path("bulk-upload/", self.admin_site.admin_view(self.bulk_upload), name="search_imageasset_bulk"),
+        ] + super().get_urls()
+
+    def bulk_upload(self, request):
+        if not self.has_add_permission(request):
+            return redirect("admin:index")
+        form = BulkUploadForm(request.POST or None, request.FILES or None)
+        if request.method == "POST" and form.is_valid():
+            try:
+                files = [(f.name, f.read()) for f in form.cleaned_data["images"]]
+                captions = {}
+                if form.cleaned_data.get("archive"):
+                    archived, captions = ingest.files_from_zip(form.cleaned_data["archive"].read())
+                    files += archived
+                if form.cleaned_data.get("captions"):
+                    upload = form.cleaned_data["captions"]
+                    captions.update(ingest.captions_from_file(upload.name, upload.read()))
+                result = ingest.ingest_many(files, captions, user=request.user,
+                                            collection=form.cleaned_data.get("collection") or "")
+            except ingest.InvalidUpload as exc:
+                form.add_error(None, str(exc))
+            else:
+                messages.success(request, f"{len(result.created)} images added, {len(result.existing)} already present.")
+                for error in result.errors:
+                    messages.error(request, error)
+                return redirect(reverse("admin:search_imageasset_changelist"))
+        context = {**self.admin_site.each_context(request), "form": form, "title": "Bulk upload images",
+                   "opts": self.model._meta, "max_files": settings.UPLOAD_MAX_FILES}
+        return render(request, "admin/search/imageasset/bulk_upload.html", context)
+
+
+@admin.register(IndexBuild)
+class IndexBuildAdmin(admin.ModelAdmin):
+    list_display = ["model", "modality", "version", "backend", "vector_count", "status", "created"]
+    list_filter = ["modality", "status", "backend"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

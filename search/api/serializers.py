@@ -1,0 +1,83 @@
+from django.conf import settings
+from rest_framework import serializers
+
+from search.models import Caption, ImageAsset
+
+
+class CaptionSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Caption
+        fields = ["id", "text"]
+
+
+class AssetSerializer(serializers.ModelSerializer):
+    image_url = serializers.SerializerMethodField()
+    captions = serializers.SerializerMethodField()
+
+    class Meta:
+        model = ImageAsset
+        fields = ["id", "image_url", "captions", "width", "height", "format", "sha256",
+                  "collection", "status", "error", "created"]
+        read_only_fields = fields
+
+    def get_image_url(self, asset) -> str:
+        request = self.context.get("request")
+        url = asset.file.url
+        return request.build_absolute_uri(url) if request else url
+
+    def get_captions(self, asset) -> list[str]:
+        return [c.text for c in asset.captions.all()]
+
+
+class AssetUploadSerializer(serializers.Serializer):
+    image = serializers.FileField(help_text="JPEG, PNG, GIF, WebP, BMP or TIFF.")
+    captions = serializers.ListField(
+        child=serializers.CharField(allow_blank=True, trim_whitespace=True), required=False, default=list,
+        help_text="Repeat the field for several captions.",
+    )
+    collection = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
+
+
+class ImageHitSerializer(serializers.Serializer):
+    asset = AssetSerializer()
+    score = serializers.FloatField()
+
+
+class CaptionHitSerializer(serializers.Serializer):
+    id = serializers.IntegerField(source="caption.id")
+    text = serializers.CharField(source="caption.text")
+    asset_id = serializers.IntegerField(source="caption.asset_id")
+    score = serializers.FloatField()
+
+
+def k_field():
+    return serializers.IntegerField(required=False, default=10, min_value=1, max_value=settings.SEARCH_MAX_K)
+
+
+class TextSearchRequestSerializer(serializers.Serializer):
+    query = serializers.CharField(trim_whitespace=True, allow_blank=False, max_length=10000)
+    k = k_field()
+
+
+class ImageSearchRequestSerializer(serializers.Serializer):
+    image = serializers.FileField(required=False)
+    asset_id = serializers.IntegerField(required=False, min_value=1)
+    k = k_field()
+
+    def validate(self, attrs):
+        if bool(attrs.get("image")) == bool(attrs.get("asset_id")):
+            raise serializers.ValidationError("Send either an image file or an asset_id.")
+        return attrs
+
+
+class TextSearchResponseSerializer(serializers.Serializer):
+    results = ImageHitSerializer(many=True)
+    took_ms = serializers.FloatField()
+    model = serializers.CharField()
+
+
+class ImageSearchResponseSerializer(serializers.Serializer):
+    captions = CaptionHitSerializer(many=True)
+    images = ImageHitSerializer(many=True)
+    took_ms = serializers.FloatField()
+    model = serializers.CharField()

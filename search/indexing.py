@@ -1,0 +1,208 @@
+"""Keeping the vector indices in step with Postgres, and serving them to searches.
+
+Two indices per embedding model: ``image`` (rows keyed by asset id, for
+text→image and image→image) and ``caption`` (rows keyed by caption id, for
+image→text). Workers write new index versions (atomically, one file per
+version, recorded as an ``IndexBuild``); web processes notice a newer ready
+version and swap it in without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection, transaction
+
+from embeddings.models import Embedding, EmbeddingModel
+
+from .models import IndexBuild
+from .vector_index import VectorIndex, create_index, load_index
+
+log = logging.getLogger(__name__)
+
+MODALITIES = (IndexBuild.Modality.IMAGE, IndexBuild.Modality.CAPTION)
+FETCH_CHUNK = 5000
+
+
+def _embedding_rows(model: EmbeddingModel, modality: str):
+    rows = Embedding.objects.filter(model=model)
+    if modality == IndexBuild.Modality.IMAGE:
+        return rows.filter(asset__isnull=False), "asset_id"
+    return rows.filter(caption__isnull=False), "caption_id"
+
+
+def stored_ids(model: EmbeddingModel, modality: str) -> np.ndarray:
+    rows, key = _embedding_rows(model, modality)
+    return np.fromiter(rows.values_list(key, flat=True), dtype=np.int64)
+
+
+def stored_vectors(model: EmbeddingModel, modality: str, ids) -> np.ndarray:
+    """Vectors of the given row ids, in that order."""
+    rows, key = _embedding_rows(model, modality)
+    ids = [int(i) for i in ids]
+    found: dict[int, np.ndarray] = {}
+    for start in range(0, len(ids), FETCH_CHUNK):
+        chunk = ids[start : start + FETCH_CHUNK]
+        for row_id, blob in rows.filter(**{f"{key}__in": chunk}).values_list(key, "vector"):
+            found[row_id] = np.frombuffer(bytes(blob), dtype="<f4")
+    if not ids:
+        return np.zeros((0, model.dimension), dtype=np.float32)
+    return np.stack([found[i] for i in ids]).astype(np.float32, copy=False)
+
+
+def latest_build(model: EmbeddingModel, modality: str) -> IndexBuild | None:
+    return (
+        IndexBuild.objects.filter(model=model, modality=modality, status=IndexBuild.Status.READY)
+        .order_by("-version")
+        .first()
+    )
+
+
+def _index_dir(model: EmbeddingModel, modality: str) -> Path:
+    return Path(settings.INDEX_DIR) / f"model-{model.pk}" / modality
+
+
+def _load_latest_valid(model: EmbeddingModel, modality: str) -> tuple[VectorIndex | None, IndexBuild | None]:
+    """The newest ready version whose file loads and matches its checksum."""
+    builds = IndexBuild.objects.filter(
+        model=model, modality=modality, status=IndexBuild.Status.READY
+    ).order_by("-version")
+    for build in builds:
+        try:
+            return load_index(build.file_path, checksum=build.checksum), build
+        except Exception as exc:  # a missing or torn file: fall back to the previous version
+            log.warning("index %s unusable (%s); trying an older version", build, exc)
+            IndexBuild.objects.filter(pk=build.pk).update(status=IndexBuild.Status.FAILED, error=str(exc)[:2000])
+    return None, None
+
+
+def _lock_key(model: EmbeddingModel, modality: str) -> int:
+    return (model.pk << 4) | MODALITIES.index(modality)
+
+
+@dataclass
+class SyncResult:
+    modality: str
+    added: int
+    removed: int
+    build: IndexBuild | None
+
+
+def sync_index(model: EmbeddingModel, modality: str, *, rebuild: bool = False) -> SyncResult:
+    """Bring one index in line with the stored embeddings and save a new version if it changed.
+
+    Holds a Postgres advisory lock for the model and modality, so two workers
+    never write the same index at once.
+    """
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(model, modality)])
+        index, previous = (None, None) if rebuild else _load_latest_valid(model, modality)
+        if index is None:
+            index = create_index(settings.VECTOR_INDEX_BACKEND, model.dimension)
+        wanted = stored_ids(model, modality)
+        present = index.ids()
+        missing = np.setdiff1d(wanted, present, assume_unique=True)
+        extra = np.setdiff1d(present, wanted, assume_unique=True)
+        if previous is not None and not len(missing) and not len(extra):
+            return SyncResult(modality, 0, 0, previous)
+        if len(extra):
+            index.remove(extra)
+        for start in range(0, len(missing), FETCH_CHUNK):
+            chunk = missing[start : start + FETCH_CHUNK]
+            index.add(chunk, stored_vectors(model, modality, chunk))
+        build = _save_version(model, modality, index, previous)
+    _prune_old_versions(model, modality)
+    return SyncResult(modality, len(missing), len(extra), build)
+
+
+def _save_version(model, modality, index: VectorIndex, previous: IndexBuild | None) -> IndexBuild:
+    last = IndexBuild.objects.filter(model=model, modality=modality).order_by("-version").first()
+    version = (last.version if last else 0) + 1
+    directory = _index_dir(model, modality)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"v{version:06d}.index"
+    checksum = index.save(path)
+    return IndexBuild.objects.create(
+        model=model,
+        modality=modality,
+        backend=index.backend,
+        params=index.params,
+        version=version,
+        vector_count=index.count(),
+        file_path=str(path),
+        checksum=checksum,
+        status=IndexBuild.Status.READY,
+    )
+
+
+def _prune_old_versions(model, modality) -> None:
+    keep = settings.INDEX_VERSIONS_KEPT
+    old = IndexBuild.objects.filter(model=model, modality=modality).order_by("-version")[keep:]
+    for build in list(old):
+        Path(build.file_path).unlink(missing_ok=True)
+        build.delete()
+
+
+def sync_indices(model: EmbeddingModel | None = None, *, rebuild: bool = False) -> list[SyncResult]:
+    model = model or EmbeddingModel.active()
+    if model is None:
+        return []
+    return [sync_index(model, modality, rebuild=rebuild) for modality in MODALITIES]
+
+
+def _pending_key(model_id: int) -> str:
+    return f"index-sync-pending:{model_id}"
+
+
+def schedule_index_sync(model_id: int) -> None:
+    """Queue one index sync after commit; a burst of uploads shares a single sync."""
+    from .tasks import sync_indices as sync_task
+
+    def enqueue():
+        if cache.add(_pending_key(model_id), 1, timeout=600):
+            sync_task.delay(model_id)
+
+    transaction.on_commit(enqueue)
+
+
+def clear_sync_pending(model_id: int) -> None:
+    cache.delete(_pending_key(model_id))
+
+
+# --- Serving side ---------------------------------------------------------------
+
+
+class LoadedIndices:
+    """Per-process cache of the newest index version of each model and modality."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._loaded: dict[tuple[int, str], tuple[int, VectorIndex]] = {}
+
+    def get(self, model: EmbeddingModel, modality: str) -> VectorIndex | None:
+        build = latest_build(model, modality)
+        key = (model.pk, modality)
+        current = self._loaded.get(key)
+        if build is None:
+            return None
+        if current is not None and current[0] == build.version:
+            return current[1]
+        with self._lock:
+            current = self._loaded.get(key)
+            if current is not None and current[0] == build.version:
+                return current[1]
+            index, loaded_build = _load_latest_valid(model, modality)
+            if index is None:
+                return None
+            self._loaded[key] = (loaded_build.version, index)
+            return index
+
+
+loaded_indices = LoadedIndices()

@@ -1,0 +1,98 @@
+import re
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+
+def normalise_text(text: str) -> str:
+    """Stripped, whitespace collapsed, lower-cased."""
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def image_upload_path(instance, filename):
+    # Never a path from the client: the name is generated from the content hash.
+    ext = filename.rsplit(".", 1)[-1].lower() if "." in filename else "img"
+    digest = instance.sha256 or uuid.uuid4().hex
+    return f"images/{digest[:2]}/{digest}.{ext}"
+
+
+class ImageAsset(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        EMBEDDED = "embedded"
+        FAILED = "failed"
+
+    file = models.FileField(upload_to=image_upload_path, max_length=300)
+    sha256 = models.CharField(max_length=64, unique=True)
+    original_name = models.CharField(max_length=255, blank=True)
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    format = models.CharField(max_length=16)
+    collection = models.CharField(max_length=100, blank=True, default="", db_index=True)
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
+    )
+    created = models.DateTimeField(auto_now_add=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created", "-id"]
+
+    def __str__(self):
+        return self.original_name or f"image {self.pk}"
+
+
+class Caption(models.Model):
+    asset = models.ForeignKey(ImageAsset, on_delete=models.CASCADE, related_name="captions")
+    text = models.TextField()
+    normalized_text = models.TextField(editable=False)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["asset", "normalized_text"], name="unique_caption_per_asset")
+        ]
+
+    def save(self, *args, **kwargs):
+        self.normalized_text = normalise_text(self.text)
+        super().save(*args, **kwargs)
+
+    def __str__(self):
+        return self.text
+
+
+class IndexBuild(models.Model):
+    """One saved version of a vector index file."""
+
+    class Modality(models.TextChoices):
+        IMAGE = "image"
+        CAPTION = "caption"
+
+    class Status(models.TextChoices):
+        BUILDING = "building"
+        READY = "ready"
+        FAILED = "failed"
+
+    model = models.ForeignKey("embeddings.EmbeddingModel", on_delete=models.CASCADE, related_name="index_builds")
+    modality = models.CharField(max_length=10, choices=Modality.choices)
+    backend = models.CharField(max_length=50)
+    params = models.JSONField(default=dict, blank=True)
+    version = models.PositiveIntegerField()
+    vector_count = models.PositiveIntegerField(default=0)
+    file_path = models.CharField(max_length=500)
+    checksum = models.CharField(max_length=64, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.BUILDING)
+    error = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created"]
+        constraints = [
+            models.UniqueConstraint(fields=["model", "modality", "version"], name="unique_index_version")
+        ]
+
+    def __str__(self):
+        return f"{self.model} {self.modality} v{self.version}"

@@ -1,0 +1,143 @@
+"""Search services: text→image, image→text and image→image over the active model's indices."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from django.conf import settings
+
+from embeddings.models import Embedding, EmbeddingModel
+from embeddings.services import active_model, encoder_for
+
+from .indexing import loaded_indices
+from .models import Caption, ImageAsset, IndexBuild
+
+TEXT_QUERY_MAX_CHARS = 1000
+
+
+class InvalidQuery(ValueError):
+    """A query the caller must fix; the message says how."""
+
+
+@dataclass
+class ImageHit:
+    asset: ImageAsset
+    score: float
+
+
+@dataclass
+class CaptionHit:
+    caption: Caption
+    score: float
+
+
+@dataclass
+class SearchResult:
+    model: EmbeddingModel
+    images: list[ImageHit] = field(default_factory=list)
+    captions: list[CaptionHit] = field(default_factory=list)
+    took_ms: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+
+def validate_k(k) -> int:
+    try:
+        k = int(k)
+    except (TypeError, ValueError):
+        raise InvalidQuery("k must be a whole number.") from None
+    if not 1 <= k <= settings.SEARCH_MAX_K:
+        raise InvalidQuery(f"k must be between 1 and {settings.SEARCH_MAX_K}.")
+    return k
+
+
+def clean_text_query(query) -> str:
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidQuery("The query is empty; type what you are looking for.")
+    # The tokenizer truncates to the model's 64 tokens; this bounds the work before it.
+    return query.strip()[:TEXT_QUERY_MAX_CHARS]
+
+
+def _nearest(model, modality, vector: np.ndarray, k: int, queryset):
+    """Top-k rows that still exist in Postgres, best first.
+
+    Rows deleted since the index was written are skipped (and the search widened),
+    so a deletion disappears from results at once.
+    """
+    index = loaded_indices.get(model, modality)
+    if index is None or index.count() == 0:
+        return []
+    total = index.count()
+    fetch = min(total, k)
+    while True:
+        ids, scores = index.search(vector.reshape(1, -1), fetch)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        rows = queryset.in_bulk([i for i, _ in pairs])
+        hits = [(rows[i], s) for i, s in pairs if i in rows]
+        if len(hits) >= k or fetch >= total:
+            return hits[:k]
+        fetch = min(total, fetch * 2 + (k - len(hits)))
+
+
+def _assets():
+    return ImageAsset.objects.prefetch_related("captions")
+
+
+def search_text(query, k=10) -> SearchResult:
+    k = validate_k(k)
+    query = clean_text_query(query)
+    started = time.perf_counter()
+    model = active_model()
+    vector = encoder_for(model).encode_texts([query])[0]
+    encoded = time.perf_counter()
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, _assets())
+    done = time.perf_counter()
+    return SearchResult(
+        model=model,
+        images=[ImageHit(a, s) for a, s in hits],
+        took_ms=(done - started) * 1000,
+        timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000},
+    )
+
+
+def _image_results(model, vector, k, started, encoded) -> SearchResult:
+    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, Caption.objects.all())
+    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, _assets())
+    done = time.perf_counter()
+    return SearchResult(
+        model=model,
+        images=[ImageHit(a, s) for a, s in images],
+        captions=[CaptionHit(c, s) for c, s in captions],
+        took_ms=(done - started) * 1000,
+        timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000},
+    )
+
+
+def search_image(data: bytes, k=10) -> SearchResult:
+    """Captions (image→text) and similar images (image→image) for uploaded image bytes."""
+    from .ingest import inspect_image
+
+    k = validate_k(k)
+    inspect_image(data)
+    started = time.perf_counter()
+    model = active_model()
+    vector = encoder_for(model).encode_images([data])[0]
+    return _image_results(model, vector, k, started, time.perf_counter())
+
+
+def search_asset(asset_id, k=10) -> SearchResult:
+    """The same for an image already in the collection, using its stored vector."""
+    k = validate_k(k)
+    started = time.perf_counter()
+    model = active_model()
+    try:
+        asset_id = int(asset_id)
+    except (TypeError, ValueError):
+        raise InvalidQuery("asset_id must be a whole number.") from None
+    if not ImageAsset.objects.filter(pk=asset_id).exists():
+        raise ImageAsset.DoesNotExist(f"No image with id {asset_id}.")
+    row = Embedding.objects.filter(model=model, asset_id=asset_id).first()
+    if row is None:
+        raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
+    return _image_results(model, row.array, k, started, time.perf_counter())

@@ -1,0 +1,45 @@
+from django.core.exceptions import ObjectDoesNotExist
+from django.shortcuts import render
+from django.views.decorators.http import require_http_methods
+
+from embeddings.services import ModelNotAvailable, NoActiveModel
+
+from . import queries
+from .forms import ImageSearchForm, TextSearchForm
+from .ingest import InvalidUpload
+
+DEFAULT_K = 12
+
+
+@require_http_methods(["GET", "POST"])
+def home(request):
+    """Text search by GET ?q=, photo search by POST, similar images by GET ?similar=<asset id>."""
+    context = {"text_form": TextSearchForm(request.GET or None), "image_form": ImageSearchForm()}
+    status = 200
+    try:
+        if request.method == "POST":
+            form = ImageSearchForm(request.POST, request.FILES)
+            context["image_form"] = form
+            if form.is_valid():
+                k = form.cleaned_data.get("k") or DEFAULT_K
+                context["result"] = queries.search_image(form.cleaned_data["image"].read(), k)
+                context["mode"] = "image"
+            else:
+                status = 400
+        elif request.GET.get("similar"):
+            context["result"] = queries.search_asset(request.GET["similar"], DEFAULT_K)
+            context["mode"] = "image"
+        elif "q" in request.GET:
+            form = context["text_form"]
+            if form.is_valid():
+                context["result"] = queries.search_text(form.cleaned_data["q"], form.cleaned_data.get("k") or DEFAULT_K)
+                context["mode"] = "text"
+            else:
+                status = 400
+    except (queries.InvalidQuery, InvalidUpload) as exc:
+        context["error"], status = str(exc), 400
+    except ObjectDoesNotExist as exc:
+        context["error"], status = str(exc) or "Not found.", 404
+    except (NoActiveModel, ModelNotAvailable) as exc:
+        context["error"], status = str(exc), 503
+    return render(request, "search/home.html", context, status=status)

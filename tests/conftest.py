@@ -1,0 +1,154 @@
+"""Shared fixtures: a tiny SigLIP checkpoint built here, named users, a real Celery worker.
+
+The suite runs against the PostgreSQL and Valkey that `bin/test` starts (or the
+ones DATABASE_URL / REDIS_URL point at); nothing is mocked and nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_CAPTIONS = [
+    "a red square on a white background",
+    "a blue circle in the middle",
+    "a green triangle pointing up",
+    "two dogs playing in the snow",
+    "a man riding a surfboard on a wave",
+    "a bowl of fruit on a wooden table",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from embeddings.checkpoints import build_random_checkpoint
+
+    return build_random_checkpoint(tmp_path_factory.mktemp("tiny-siglip"), TEST_CAPTIONS, seed=0)
+
+
+@pytest.fixture(scope="session")
+def clean_state(django_db_setup):
+    """Start each session with empty media and index folders and an empty queue."""
+    from django.conf import settings
+    from django.core.cache import cache
+
+    for folder in (settings.MEDIA_ROOT, settings.INDEX_DIR):
+        shutil.rmtree(folder, ignore_errors=True)
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    cache.clear()
+    import redis
+
+    redis.Redis.from_url(settings.CELERY_BROKER_URL).flushdb()
+
+
+@pytest.fixture
+def tiny_model(db, clean_state, tiny_checkpoint):
+    from embeddings.services import register_model
+
+    return register_model(str(tiny_checkpoint), name="tiny-test-siglip", kind="random")
+
+
+def image_bytes(colour=(200, 30, 30), size=(64, 48), fmt="PNG", pattern=0) -> bytes:
+    img = Image.new("RGB", size, colour)
+    if pattern:
+        pixels = img.load()
+        for x in range(0, size[0], 2 + pattern):
+            for y in range(size[1]):
+                pixels[x, y] = (255 - colour[0], 255 - colour[1], 255 - colour[2])
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def make_image():
+    return image_bytes
+
+
+@pytest.fixture
+def staff_user(django_user_model):
+    return django_user_model.objects.create_user("curator", password="pw-curator", is_staff=True)
+
+
+@pytest.fixture
+def plain_user(django_user_model):
+    return django_user_model.objects.create_user("visitor", password="pw-visitor")
+
+
+@pytest.fixture
+def staff_client(staff_user):
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=staff_user).key}")
+    return client
+
+
+@pytest.fixture
+def api_client():
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+def _test_database_url() -> str:
+    from django.db import connection
+
+    base = os.environ["DATABASE_URL"].split("?", 1)[0].rsplit("/", 1)[0]
+    return f"{base}/{connection.settings_dict['NAME']}"
+
+
+@pytest.fixture
+def celery_worker_process(transactional_db, clean_state):
+    """A real `celery worker` process on the test database; stopped after the test."""
+    from django.conf import settings
+
+    from portal.celery import app
+
+    env = dict(os.environ, DATABASE_URL=_test_database_url(), DJANGO_SETTINGS_MODULE="portal.settings",
+               MEDIA_ROOT=str(settings.MEDIA_ROOT), INDEX_DIR=str(settings.INDEX_DIR))
+    hostname = f"test-worker-{os.getpid()}-{time.monotonic_ns()}@localhost"
+    log = open(Path(settings.STATE_DIR) / "test-worker.log", "ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool=solo", "--loglevel=INFO",
+         "--without-gossip", "--without-mingle", "-n", hostname],
+        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 60
+    while not app.control.ping(destination=[hostname], timeout=0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"celery worker did not start; see {log.name}")
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def wait_for(predicate, timeout=90.0, interval=0.2, message="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message}")
+
+
+def unit(v) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.linalg.norm(v)
