@@ -135,7 +135,9 @@ class ImageAssetAdmin(admin.ModelAdmin):
             return
         texts = [f.cleaned_data["text"] for f in formset.forms
                  if f.cleaned_data and not f.cleaned_data.get("DELETE") and f.cleaned_data.get("text")]
-        ingest.add_captions(form.instance, texts, created=True)
+        result = ingest.add_captions(form.instance, texts, created=True)
+        # What the admin's history message reads.
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = result.new_captions, [], []
 
     def delete_model(self, request, obj):
         self.delete_queryset(request, ImageAsset.objects.filter(pk=obj.pk))

@@ -1,0 +1,87 @@
+"""Index files are versioned and atomic; web processes swap in new versions and survive torn files."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embeddings import services
+from search import indexing
+from search.indexing import LoadedIndices
+from search.ingest import ingest_image
+from search.models import IndexBuild
+
+from .conftest import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def isolated(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    settings.INDEX_DIR = tmp_path / "indices"
+    settings.INDEX_VERSIONS_KEPT = 3
+
+
+def add_asset(model, colour, captions=("x",)):
+    asset = ingest_image(image_bytes(colour), list(captions), queue_embedding=False).asset
+    services.embed_asset(asset.pk, model)
+    return asset
+
+
+def test_each_change_writes_a_new_version_and_an_unchanged_sync_writes_none(tiny_model, isolated):
+    add_asset(tiny_model, (1, 1, 1))
+    first = indexing.sync_index(tiny_model, "image")
+    assert (first.added, first.build.version, first.build.vector_count) == (1, 1, 1)
+    again = indexing.sync_index(tiny_model, "image")
+    assert again.added == 0 and again.build.version == 1
+    add_asset(tiny_model, (2, 2, 2))
+    second = indexing.sync_index(tiny_model, "image")
+    assert (second.added, second.build.version, second.build.vector_count) == (1, 2, 2)
+    assert Path(first.build.file_path).exists() and Path(second.build.file_path).exists()
+
+
+def test_a_web_process_swaps_in_a_newer_version_without_restart(tiny_model, isolated):
+    cache = LoadedIndices()
+    a = add_asset(tiny_model, (10, 10, 10))
+    indexing.sync_indices(tiny_model)
+    assert cache.get(tiny_model, "image").ids().tolist() == [a.pk]
+    b = add_asset(tiny_model, (20, 20, 20))
+    indexing.sync_indices(tiny_model)
+    assert sorted(cache.get(tiny_model, "image").ids().tolist()) == sorted([a.pk, b.pk])
+
+
+def test_a_torn_latest_file_falls_back_to_the_last_good_version(tiny_model, isolated):
+    a = add_asset(tiny_model, (30, 30, 30))
+    good = indexing.sync_index(tiny_model, "image").build
+    add_asset(tiny_model, (40, 40, 40))
+    newest = indexing.sync_index(tiny_model, "image").build
+    data = Path(newest.file_path).read_bytes()
+    Path(newest.file_path).write_bytes(data[: len(data) // 2])  # a torn write
+    index = LoadedIndices().get(tiny_model, "image")
+    assert index.ids().tolist() == [a.pk]
+    newest.refresh_from_db()
+    assert newest.status == IndexBuild.Status.FAILED and good.version < newest.version
+    # The next sync repairs it from Postgres.
+    repaired = indexing.sync_index(tiny_model, "image").build
+    assert repaired.vector_count == 2 and repaired.version > newest.version
+
+
+def test_old_versions_are_pruned(tiny_model, isolated):
+    paths = []
+    for shade in range(5):
+        add_asset(tiny_model, (shade * 40, 5, 5))
+        paths.append(Path(indexing.sync_index(tiny_model, "image").build.file_path))
+    assert IndexBuild.objects.filter(model=tiny_model, modality="image").count() == 3
+    assert [p.exists() for p in paths] == [False, False, True, True, True]
+
+
+def test_rebuild_gives_the_same_vectors_as_stored(tiny_model, isolated):
+    assets = [add_asset(tiny_model, (i * 50, 0, 0), [f"caption {i}"]) for i in range(3)]
+    results = indexing.sync_indices(tiny_model, rebuild=True)
+    assert [r.build.vector_count for r in results] == [3, 3]
+    index = LoadedIndices().get(tiny_model, "image")
+    stored = indexing.stored_vectors(tiny_model, "image", [a.pk for a in assets])
+    ids, scores = index.search(stored, 1)
+    assert ids[:, 0].tolist() == [a.pk for a in assets]
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
