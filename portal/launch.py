@@ -1,4 +1,5 @@
-"""Run the whole portal locally: services, migrations, a model, the web server and a worker.
+"""Run the whole portal locally: services, migrations, a model, the web server, a worker
+and Celery beat (which runs the reconciler every RECONCILE_INTERVAL seconds).
 
     python -m portal.launch            # what `bin/run` calls
 
@@ -48,6 +49,10 @@ def main() -> int:
     env = dict(os.environ)
     env.setdefault("DJANGO_SETTINGS_MODULE", "portal.settings")
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # gunicorn below serves plain http: secure-only cookies and the https redirect would
+    # lock everyone out. Set SECURE_HTTPS=1 when a TLS proxy sits in front.
+    env.setdefault("SECURE_HTTPS", "0")
+    state_dir().mkdir(parents=True, exist_ok=True)  # beat keeps its schedule there
     children: list[subprocess.Popen] = []
     try:
         if services is not None:
@@ -61,6 +66,9 @@ def main() -> int:
         children.append(subprocess.Popen(
             [PYTHON, "-m", "celery", "-A", "portal", "worker", "--loglevel=INFO",
              f"--concurrency={env.get('WORKER_CONCURRENCY', '1')}"], env=env))
+        children.append(subprocess.Popen(
+            [PYTHON, "-m", "celery", "-A", "portal", "beat", "--loglevel=INFO",
+             "--schedule", str(state_dir() / "celerybeat-schedule")], env=env))
         children.append(subprocess.Popen(
             [PYTHON, "-m", "gunicorn", "portal.wsgi", "--bind", f"{host}:{port}",
              "--workers", env.get("WEB_WORKERS", "2"), "--threads", "4", "--timeout", "120"], env=env))

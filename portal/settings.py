@@ -56,6 +56,26 @@ SECRET_KEY = os.environ.get("SECRET_KEY") or local_secret_key()
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]")
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", "")
 
+# --- HTTPS and cookies -------------------------------------------------------
+# On by default when DEBUG is off and the site answers to a name other than
+# loopback (ALLOWED_HOSTS), which is what a deployment does; `bin/run` and the
+# tests serve plain http on 127.0.0.1 and keep it off. SECURE_HTTPS=1/0 forces it.
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1"}
+SECURE_HTTPS = env_bool("SECURE_HTTPS", not DEBUG and not set(ALLOWED_HOSTS) <= LOOPBACK_HOSTS)
+SECURE_SSL_REDIRECT = SECURE_HTTPS
+SESSION_COOKIE_SECURE = SECURE_HTTPS
+CSRF_COOKIE_SECURE = SECURE_HTTPS
+SECURE_HSTS_SECONDS = int(os.environ.get("SECURE_HSTS_SECONDS", str(365 * 24 * 3600))) if SECURE_HTTPS else 0
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", True)
+SECURE_REDIRECT_EXEMPT = [r"^health/$"]  # load balancer probes speak plain http
+if env_bool("TRUST_X_FORWARDED_PROTO", False):  # only behind a proxy that sets the header itself
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SESSION_COOKIE_HTTPONLY = True
+X_FRAME_OPTIONS = "DENY"
+# Search pages and the search API: open to everyone, or to logged-in users only.
+SEARCH_REQUIRES_LOGIN = env_bool("SEARCH_REQUIRES_LOGIN", False)
+
 INSTALLED_APPS = [
     "django.contrib.admin",
     "django.contrib.auth",
@@ -74,6 +94,8 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "portal.middleware.RequestSizeLimitMiddleware",
+    "portal.middleware.ServiceUnavailableMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -102,7 +124,9 @@ TEMPLATES = [
     },
 ]
 
-DATABASES = {"default": dj_database_url.parse(service_url("DATABASE_URL"), conn_max_age=60)}
+DATABASES = {"default": dj_database_url.parse(service_url("DATABASE_URL"), conn_max_age=60, conn_health_checks=True)}
+# Fail fast (the portal answers 503) instead of hanging when the database is unreachable.
+DATABASES["default"].setdefault("OPTIONS", {})["connect_timeout"] = int(os.environ.get("DATABASE_CONNECT_TIMEOUT", "3"))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = service_url("REDIS_URL")
@@ -111,6 +135,8 @@ CACHES = {
         "BACKEND": "django.core.cache.backends.redis.RedisCache",
         "LOCATION": REDIS_URL,
         "KEY_PREFIX": "portal",
+        # Short timeouts: throttles and sync debouncing fail open rather than hang when Valkey is down.
+        "OPTIONS": {"socket_connect_timeout": 2, "socket_timeout": 2},
     }
 }
 
@@ -138,7 +164,8 @@ STORAGES = {
 }
 WHITENOISE_USE_FINDERS = True
 
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "home"
 
 # --- Embeddings and search ---------------------------------------------------
 # A hub id or a local checkpoint directory. When unset and the default hub model
@@ -146,8 +173,16 @@ LOGIN_URL = "admin:login"
 SIGLIP_MODEL = os.environ.get("SIGLIP_MODEL", "google/siglip-base-patch16-224")
 SIGLIP_MODEL_EXPLICIT = bool(os.environ.get("SIGLIP_MODEL"))
 SIGLIP_DEVICE = os.environ.get("SIGLIP_DEVICE") or None  # "cuda", "cpu" or auto
+# How the towers run: auto (CUDA: torch in bf16; CPU: onnx-int8), torch, torch-int8, onnx, onnx-int8.
+SIGLIP_INFERENCE = os.environ.get("SIGLIP_INFERENCE", "auto")
+# Text-query embeddings kept per web process (LRU) and, for SEARCH_QUERY_CACHE_TTL seconds, in Redis.
+SEARCH_QUERY_CACHE_SIZE = int(os.environ.get("SEARCH_QUERY_CACHE_SIZE", "4096"))
+SEARCH_QUERY_CACHE_TTL = int(os.environ.get("SEARCH_QUERY_CACHE_TTL", str(24 * 3600)))
 INDEX_DIR = Path(os.environ.get("INDEX_DIR", STATE_DIR / "indices"))
 VECTOR_INDEX_BACKEND = os.environ.get("VECTOR_INDEX_BACKEND", "faiss-flat")
+# Backend parameters as JSON, e.g. '{"ef_search": 128}' for faiss-hnsw or '{"nprobe": 64}' for
+# faiss-ivfpq; defaults and meanings in search/vector_index/<backend>.py and docs/scaling.md.
+VECTOR_INDEX_PARAMS = json.loads(os.environ.get("VECTOR_INDEX_PARAMS") or "{}")
 INDEX_VERSIONS_KEPT = int(os.environ.get("INDEX_VERSIONS_KEPT", "3"))
 SEARCH_MAX_K = 100
 
@@ -158,6 +193,16 @@ UPLOAD_MAX_FILES = int(os.environ.get("UPLOAD_MAX_FILES", "200"))
 DATA_UPLOAD_MAX_MEMORY_SIZE = UPLOAD_MAX_BYTES
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
+# A zip archive for the bulk upload, and a whole multipart request; other request bodies
+# are capped at DATA_UPLOAD_MAX_MEMORY_SIZE.
+UPLOAD_MAX_ARCHIVE_BYTES = int(os.environ.get("UPLOAD_MAX_ARCHIVE_BYTES", str(10 * UPLOAD_MAX_BYTES)))
+UPLOAD_MAX_REQUEST_BYTES = int(os.environ.get("UPLOAD_MAX_REQUEST_BYTES", str(512 * 1024 * 1024)))
+# The first handler stops storing a file once it passes UPLOAD_MAX_BYTES.
+FILE_UPLOAD_HANDLERS = [
+    "search.ingest.UploadLimitHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 
 # --- Celery ------------------------------------------------------------------
 CELERY_BROKER_URL = REDIS_URL
@@ -168,7 +213,33 @@ CELERY_RESULT_SERIALIZER = "json"
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 600}
+# A task taken by a worker that dies (kill -9, OOM, lost machine) goes back to the queue
+# once it has been unacknowledged this long; keep it above the longest embed/sync task.
+TASK_VISIBILITY_TIMEOUT = int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "300"))
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": TASK_VISIBILITY_TIMEOUT,
+    "socket_connect_timeout": 5,
+    "socket_timeout": 30,
+    "retry_on_timeout": True,
+}
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None  # a worker waits for Valkey to come back, however long
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True  # they are redelivered instead
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
+# A worker that keeps dying on the same image stops retrying it after this many crashes.
+EMBED_MAX_CRASHES = int(os.environ.get("EMBED_MAX_CRASHES", "5"))
+# The reconciler (Celery beat, and `manage.py reconcile`): re-queues assets left pending
+# longer than RECONCILE_STUCK_AFTER and checks every index against Postgres.
+RECONCILE_INTERVAL = int(os.environ.get("RECONCILE_INTERVAL", "300"))
+RECONCILE_STUCK_AFTER = int(os.environ.get("RECONCILE_STUCK_AFTER", "600"))
+CELERY_BEAT_SCHEDULE = {
+    "reconcile": {
+        "task": "search.tasks.reconcile",
+        "schedule": RECONCILE_INTERVAL,
+        "options": {"expires": RECONCILE_INTERVAL},
+    },
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(STATE_DIR / "celerybeat-schedule")
 CELERY_TASK_TIME_LIMIT = 60 * 60
 CELERY_TASK_SOFT_TIME_LIMIT = 55 * 60
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", False)
@@ -176,11 +247,18 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 
 # --- REST API ----------------------------------------------------------------
 REST_FRAMEWORK = {
+    # Token first, so that a request without credentials gets 401 with WWW-Authenticate.
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.SessionAuthentication",
         "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticatedOrReadOnly"],
+    "DEFAULT_PERMISSION_CLASSES": ["search.api.access.IsStaffOrReadOnly"],
+    # Per client (user, else IP address), kept in the Redis cache; "None" switches a scope off.
+    "DEFAULT_THROTTLE_RATES": {
+        "search_anon": os.environ.get("THROTTLE_SEARCH_ANON", "120/minute"),
+        "search_user": os.environ.get("THROTTLE_SEARCH_USER", "600/minute"),
+        "upload": os.environ.get("THROTTLE_UPLOAD", "600/minute"),
+    },
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,

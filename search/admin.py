@@ -2,15 +2,12 @@ from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
-from django.db import transaction
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from embeddings.models import EmbeddingModel
-
 from . import ingest
-from .indexing import schedule_index_sync
+from .api.access import UploadThrottle, check_throttles
 from .models import Caption, ImageAsset, IndexBuild, normalise_text
 
 
@@ -49,8 +46,8 @@ class ImageAssetAddForm(forms.ModelForm):
 
     def clean_image(self):
         upload = self.cleaned_data["image"]
-        data = upload.read()
         try:
+            data = ingest.read_upload(upload)
             self.image_info = ingest.inspect_image(data)
         except ingest.InvalidUpload as exc:
             raise ValidationError(str(exc)) from exc
@@ -143,14 +140,7 @@ class ImageAssetAdmin(admin.ModelAdmin):
         self.delete_queryset(request, ImageAsset.objects.filter(pk=obj.pk))
 
     def delete_queryset(self, request, queryset):
-        names = list(queryset.values_list("file", flat=True))
-        with transaction.atomic():
-            queryset.delete()
-            for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
-                schedule_index_sync(model_id)
-        storage = ImageAsset._meta.get_field("file").storage
-        for name in names:
-            storage.delete(name)
+        ingest.delete_assets(queryset)
 
     @admin.action(description="Embed again (missing vectors only)")
     def reembed(self, request, queryset):
@@ -165,29 +155,47 @@ class ImageAssetAdmin(admin.ModelAdmin):
     def bulk_upload(self, request):
         if not self.has_add_permission(request):
             return redirect("admin:index")
+        if request.method == "POST":
+            wait = check_throttles(request, [UploadThrottle])
+            if wait is not None:
+                messages.error(request, f"Too many uploads; try again in {int(wait) + 1} seconds.")
+                return redirect(reverse("admin:search_imageasset_bulk"))
         form = BulkUploadForm(request.POST or None, request.FILES or None)
         if request.method == "POST" and form.is_valid():
             try:
-                files = [(f.name, f.read()) for f in form.cleaned_data["images"]]
+                # Read one at a time by ingest_many, never all at once.
+                files = [(f.name, f) for f in form.cleaned_data["images"]]
                 captions = {}
                 if form.cleaned_data.get("archive"):
-                    archived, captions = ingest.files_from_zip(form.cleaned_data["archive"].read())
+                    archived, captions = ingest.files_from_zip(
+                        ingest.read_upload(form.cleaned_data["archive"], limit=settings.UPLOAD_MAX_ARCHIVE_BYTES))
                     files += archived
                 if form.cleaned_data.get("captions"):
                     upload = form.cleaned_data["captions"]
-                    captions.update(ingest.captions_from_file(upload.name, upload.read()))
+                    captions.update(ingest.captions_from_file(upload.name, ingest.read_upload(upload)))
                 result = ingest.ingest_many(files, captions, user=request.user,
                                             collection=form.cleaned_data.get("collection") or "")
             except ingest.InvalidUpload as exc:
                 form.add_error(None, str(exc))
             else:
+                if result.errors and not (result.created or result.existing):
+                    for error in result.errors:  # nothing landed: show the form again with the reasons
+                        form.add_error(None, error)
+            if not form.errors:
                 messages.success(request, f"{len(result.created)} images added, {len(result.existing)} already present.")
                 for error in result.errors:
                     messages.error(request, error)
                 return redirect(reverse("admin:search_imageasset_changelist"))
         context = {**self.admin_site.each_context(request), "form": form, "title": "Bulk upload images",
                    "opts": self.model._meta, "max_files": settings.UPLOAD_MAX_FILES}
-        return render(request, "admin/search/imageasset/bulk_upload.html", context)
+        return render(request, "admin/search/imageasset/bulk_upload.html", context,
+                      status=400 if request.method == "POST" else 200)
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        response = super().changeform_view(request, object_id, form_url, extra_context)
+        if request.method == "POST" and response.status_code == 200:
+            response.status_code = 400  # the form came back with its errors: the input was refused
+        return response
 
 
 @admin.register(IndexBuild)

@@ -98,11 +98,14 @@ def sync_index(model: EmbeddingModel, modality: str, *, rebuild: bool = False) -
     """Bring one index in line with the stored embeddings and save a new version if it changed.
 
     Holds a Postgres advisory lock for the model and modality, so two workers
-    never write the same index at once.
+    never write the same index at once: a second sync or rebuild waits for the
+    first, then starts from the version it wrote. The lock ends with the
+    transaction, also when the process holding it dies.
     """
     with transaction.atomic():
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(model, modality)])
+        _remove_partial_writes(model, modality)
         index, previous = (None, None) if rebuild else _load_latest_valid(model, modality)
         if index is None:
             index = create_index(settings.VECTOR_INDEX_BACKEND, model.dimension)
@@ -142,12 +145,29 @@ def _save_version(model, modality, index: VectorIndex, previous: IndexBuild | No
     )
 
 
+def _remove_partial_writes(model, modality) -> None:
+    """Temp files of writers that died mid-write (only called under the index lock, so no
+    writer of this index is running)."""
+    directory = _index_dir(model, modality)
+    if directory.is_dir():
+        for leftover in directory.glob(".*.tmp"):
+            log.info("removing %s, left by an interrupted index write", leftover)
+            leftover.unlink(missing_ok=True)
+
+
 def _prune_old_versions(model, modality) -> None:
-    keep = settings.INDEX_VERSIONS_KEPT
-    old = IndexBuild.objects.filter(model=model, modality=modality).order_by("-version")[keep:]
+    """Keep the newest INDEX_VERSIONS_KEPT good versions (and anything newer than the newest
+    good one, for diagnosis); torn or failed versions never count as kept."""
+    builds = IndexBuild.objects.filter(model=model, modality=modality)
+    kept = list(builds.filter(status=IndexBuild.Status.READY).order_by("-version")[: settings.INDEX_VERSIONS_KEPT])
+    if not kept:
+        return
+    old = builds.exclude(pk__in=[b.pk for b in kept]).filter(version__lt=kept[0].version)
     for build in list(old):
-        Path(build.file_path).unlink(missing_ok=True)
+        # The row first: a crash in between leaves a file without a row (harmless), never a
+        # ready row without its file.
         build.delete()
+        Path(build.file_path).unlink(missing_ok=True)
 
 
 def sync_indices(model: EmbeddingModel | None = None, *, rebuild: bool = False) -> list[SyncResult]:
@@ -169,7 +189,8 @@ def schedule_index_sync(model_id: int) -> None:
         if cache.add(_pending_key(model_id), 1, timeout=600):
             sync_task.delay(model_id)
 
-    transaction.on_commit(enqueue)
+    # robust: with Valkey away the commit still stands; the reconciler repairs the index later.
+    transaction.on_commit(enqueue, robust=True)
 
 
 def clear_sync_pending(model_id: int) -> None:
@@ -199,6 +220,10 @@ class LoadedIndices:
             if current is not None and current[0] == build.version:
                 return current[1]
             index, loaded_build = _load_latest_valid(model, modality)
+            if loaded_build is None or loaded_build.version != build.version:
+                # The newest version was torn or missing: serve the last good one and have a
+                # worker write a fresh version from Postgres.
+                schedule_index_sync(model.pk)
             if index is None:
                 return None
             self._loaded[key] = (loaded_build.version, index)

@@ -2,6 +2,11 @@
 
 Every way in (admin, bulk upload, API, dataset import) goes through
 ``ingest_image``; embedding is queued after the transaction commits.
+
+Hostile input is refused before it costs anything: a file over UPLOAD_MAX_BYTES is
+not even stored by the upload handler, the pixel count is checked from the header
+before any pixel is decoded, only the allowed formats are parsed at all, and the
+whole first frame is decoded so truncated files fail here rather than in a worker.
 """
 
 from __future__ import annotations
@@ -9,23 +14,118 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+import re
+from struct import error as struct_error
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.core.files.base import ContentFile
+from django.core.files.uploadedfile import UploadedFile
+from django.core.files.uploadhandler import FileUploadHandler
 from django.db import IntegrityError, transaction
 from PIL import Image, UnidentifiedImageError
 
 from .models import Caption, ImageAsset, image_upload_path, normalise_text
 
+log = logging.getLogger(__name__)
+
 ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"}
+# Camera JPEGs with extra pictures (MPO) are JPEGs to everyone but Pillow.
+FORMAT_ALIASES = {"MPO": "JPEG"}
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "GIF": "gif", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif"}
+ALLOWED_LIST = "BMP, GIF, JPEG, PNG, TIFF, WebP"
 CAPTION_MAX_CHARS = 2000
+_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
 class InvalidUpload(ValueError):
     """The upload is rejected; the message says why, for the person who sent it."""
+
+
+def too_large_message(size: int, limit: int | None = None) -> str:
+    limit = settings.UPLOAD_MAX_BYTES if limit is None else limit
+    return f"The file is {size:,} bytes; the limit is {limit:,} bytes."
+
+
+def upload_limit(file_name: str) -> int:
+    """Zip archives (bulk uploads) may be larger than single images."""
+    if (file_name or "").lower().endswith(".zip"):
+        return max(settings.UPLOAD_MAX_ARCHIVE_BYTES, settings.UPLOAD_MAX_BYTES)
+    return settings.UPLOAD_MAX_BYTES
+
+
+class OversizedUpload(UploadedFile):
+    """What the upload handler keeps of a file over UPLOAD_MAX_BYTES: its name and size, no bytes.
+
+    Reading it raises InvalidUpload, so every way in refuses it with the reason.
+    """
+
+    def __init__(self, name, content_type, size, limit):
+        super().__init__(io.BytesIO(), name, content_type, size)
+        self.limit = limit
+
+    def read(self, *args, **kwargs):
+        raise InvalidUpload(too_large_message(self.size, self.limit))
+
+    def chunks(self, chunk_size=None):
+        raise InvalidUpload(too_large_message(self.size, self.limit))
+
+    def __iter__(self):
+        raise InvalidUpload(too_large_message(self.size, self.limit))
+
+
+class UploadLimitHandler(FileUploadHandler):
+    """First upload handler: stops passing a file on once it is over UPLOAD_MAX_BYTES.
+
+    The rest of the file is counted but never stored (in memory or on disk), and
+    the form or serializer receives an ``OversizedUpload`` in its place.
+    """
+
+    def new_file(self, *args, **kwargs):
+        super().new_file(*args, **kwargs)
+        self.received = 0
+        self.limit = upload_limit(self.file_name)
+
+    def receive_data_chunk(self, raw_data, start):
+        self.received += len(raw_data)
+        return None if self.received > self.limit else raw_data
+
+    def file_complete(self, file_size):
+        if self.received > self.limit:
+            return OversizedUpload(self.file_name, self.content_type, self.received, self.limit)
+        return None
+
+
+def read_upload(upload, limit: int | None = None) -> bytes:
+    """The bytes of an uploaded file, refusing it (unread) when it is over the size cap."""
+    limit = settings.UPLOAD_MAX_BYTES if limit is None else limit
+    size = getattr(upload, "size", None)
+    if size is not None and size > limit:
+        raise InvalidUpload(too_large_message(size, limit))
+    data = upload.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidUpload(too_large_message(len(data), limit))
+    return data
+
+
+def clean_text(text: str, what: str) -> str:
+    """Text that PostgreSQL will store: valid Unicode, no NUL or other control characters
+    (tabs and line breaks are kept)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidUpload(f"{what} is not valid Unicode text.") from None
+    return _CONTROL_CHARS.sub("", text)
+
+
+def clean_name(name: str) -> str:
+    """An original file name kept for display only (files are stored under generated names)."""
+    name = (name or "").encode("utf-8", "replace").decode("utf-8")
+    name = _CONTROL_CHARS.sub("", name.replace("\n", " ").replace("\r", " ").replace("\t", " "))
+    return name[-255:]
 
 
 @dataclass
@@ -44,25 +144,30 @@ def inspect_image(data: bytes) -> ImageInfo:
             f"The file is {len(data):,} bytes; the limit is {settings.UPLOAD_MAX_BYTES:,} bytes."
         )
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            fmt = img.format
+        # Only the allowed formats' parsers ever see the bytes.
+        with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as img:
+            fmt = FORMAT_ALIASES.get(img.format, img.format)
             width, height = img.size
             if fmt not in ALLOWED_FORMATS:
-                raise InvalidUpload(
-                    f"Unsupported image format {fmt}; allowed: {', '.join(sorted(ALLOWED_FORMATS))}."
-                )
+                raise InvalidUpload(f"The file is not a readable image: {fmt} is not allowed ({ALLOWED_LIST}).")
             # Checked from the header, before any pixel is decoded.
             if width * height > settings.UPLOAD_MAX_PIXELS:
                 raise InvalidUpload(
                     f"The image is {width}×{height} pixels; the limit is {settings.UPLOAD_MAX_PIXELS:,} pixels."
                 )
+            if width < 1 or height < 1:
+                raise InvalidUpload("The file is not a readable image: it has no pixels.")
             img.load()  # decodes the first frame fully: truncated files fail here
     except InvalidUpload:
         raise
     except Image.DecompressionBombError as exc:
         raise InvalidUpload("The image has too many pixels.") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidUpload(f"The file is not a readable image ({exc}).") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidUpload(
+            f"The file is not a readable image in an allowed format ({ALLOWED_LIST})."
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
+        raise InvalidUpload(f"The file is not a readable image: it is truncated or damaged ({exc}).") from exc
     return ImageInfo(width=width, height=height, format=fmt)
 
 
@@ -71,7 +176,7 @@ def clean_captions(captions) -> list[str]:
     for text in captions or []:
         if not isinstance(text, str):
             raise InvalidUpload("Captions must be text.")
-        text = text.strip()
+        text = clean_text(text, "A caption").strip()
         if not text:
             continue
         if len(text) > CAPTION_MAX_CHARS:
@@ -115,7 +220,7 @@ def ingest_image(
 
     asset = ImageAsset(
         sha256=digest,
-        original_name=(original_name or "")[-255:],
+        original_name=clean_name(original_name),
         width=info.width,
         height=info.height,
         format=info.format,
@@ -124,7 +229,7 @@ def ingest_image(
     )
     name = image_upload_path(asset, f"upload.{EXTENSIONS[info.format]}")
     storage = asset.file.storage
-    if storage.exists(name) and storage.size(name) == len(data):
+    if _holds(storage, name, digest):
         asset.file.name = name  # content-addressed: a file left by an earlier failed attempt is these bytes
     else:
         asset.file.save(name, ContentFile(data), save=False)
@@ -141,6 +246,17 @@ def ingest_image(
         asset.file.storage.delete(asset.file.name)
         raise
     return result
+
+
+def _holds(storage, name: str, digest: str) -> bool:
+    """Whether the stored file ``name`` exists and has exactly the bytes with this sha256."""
+    try:
+        if not storage.exists(name):
+            return False
+        with storage.open(name, "rb") as handle:
+            return hashlib.file_digest(handle, "sha256").hexdigest() == digest
+    except OSError:
+        return False
 
 
 def add_captions(asset, captions, *, created=False, queue_embedding=True) -> IngestResult:
@@ -161,9 +277,40 @@ def add_captions(asset, captions, *, created=False, queue_embedding=True) -> Ing
 
 
 def queue_embed(asset_id: int) -> None:
+    """Queue embedding once the transaction commits.
+
+    ``robust``: when Valkey is down the upload still succeeds; the asset stays
+    pending and the reconciler queues it again later.
+    """
     from embeddings.tasks import embed_asset
 
-    transaction.on_commit(lambda: embed_asset.delay(asset_id))
+    transaction.on_commit(lambda: embed_asset.delay(asset_id), robust=True)
+
+
+def delete_assets(queryset) -> int:
+    """Delete assets (rows first, so they leave every search at once), then their files.
+
+    A file is only removed when no remaining asset points at it; a crash between the
+    two steps leaves an orphan file, which the reconciler removes later.
+    """
+    from embeddings.models import EmbeddingModel
+
+    from .indexing import schedule_index_sync
+
+    names = list(queryset.values_list("file", flat=True))
+    with transaction.atomic():
+        count, _ = queryset.delete()
+        for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
+            schedule_index_sync(model_id)
+    storage = ImageAsset._meta.get_field("file").storage
+    still_used = set(ImageAsset.objects.filter(file__in=names).values_list("file", flat=True))
+    for name in names:
+        if name and name not in still_used:
+            try:
+                storage.delete(name)
+            except OSError:
+                log.warning("could not delete %s; the reconciler will", name, exc_info=True)
+    return count
 
 
 # --- Bulk uploads ---------------------------------------------------------------
@@ -208,7 +355,7 @@ def files_from_zip(data: bytes) -> tuple[list[tuple[str, bytes]], dict[str, list
     """Image files and the captions file of a zip archive (read in memory, never extracted)."""
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError) as exc:
         raise InvalidUpload("The archive is not a valid zip file.") from exc
     images, captions = [], {}
     members = [m for m in archive.infolist() if not m.is_dir() and not _basename(m.filename).startswith(".")]
@@ -220,11 +367,24 @@ def files_from_zip(data: bytes) -> tuple[list[tuple[str, bytes]], dict[str, list
         if member.file_size > settings.UPLOAD_MAX_BYTES or total > settings.UPLOAD_MAX_BYTES * 10:
             raise InvalidUpload("The archive expands to more data than allowed.")
         name = _basename(member.filename)
+        content = _read_member(archive, member, name)
         if name.lower() in CAPTION_FILE_NAMES:
-            captions = captions_from_file(name, archive.read(member))
+            captions = captions_from_file(name, content)
         else:
-            images.append((name, archive.read(member)))
+            images.append((name, content))
     return images, captions
+
+
+def _read_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, name: str) -> bytes:
+    """A member's bytes, never more than its declared size (which was checked against the caps)."""
+    try:
+        with archive.open(member) as handle:
+            content = handle.read(member.file_size + 1)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise InvalidUpload(f"{name} in the archive cannot be read ({exc}).") from exc
+    if len(content) != member.file_size:
+        raise InvalidUpload(f"{name} in the archive is damaged (its size does not match the directory).")
+    return content
 
 
 @dataclass
@@ -235,13 +395,16 @@ class BulkResult:
 
 
 def ingest_many(files, captions_by_name=None, *, user=None, collection="") -> BulkResult:
-    """Ingest several (name, bytes) files; a bad file is reported, the others still land."""
+    """Ingest several (name, bytes or uploaded file) pairs; a bad file is reported, the others
+    still land. Uploaded files are read one at a time."""
     captions_by_name = captions_by_name or {}
     if len(files) > settings.UPLOAD_MAX_FILES:
         raise InvalidUpload(f"{len(files)} files sent; the limit is {settings.UPLOAD_MAX_FILES} per request.")
     result = BulkResult()
     for name, data in files:
         try:
+            if not isinstance(data, bytes):
+                data = read_upload(data)
             outcome = ingest_image(
                 data,
                 captions_by_name.get(_basename(name), []),

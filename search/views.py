@@ -1,3 +1,4 @@
+from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import ObjectDoesNotExist
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
@@ -5,8 +6,9 @@ from django.views.decorators.http import require_http_methods
 from embeddings.services import ModelNotAvailable, NoActiveModel
 
 from . import queries
+from .api.access import SEARCH_THROTTLES, check_throttles, search_allowed
 from .forms import ImageSearchForm, TextSearchForm
-from .ingest import InvalidUpload
+from .ingest import InvalidUpload, read_upload
 
 DEFAULT_K = 12
 
@@ -14,6 +16,16 @@ DEFAULT_K = 12
 @require_http_methods(["GET", "POST"])
 def home(request):
     """Text search by GET ?q=, photo search by POST, similar images by GET ?similar=<asset id>."""
+    if not search_allowed(request.user):
+        return redirect_to_login(request.get_full_path())
+    searching = request.method == "POST" or bool(request.GET.get("similar")) or "q" in request.GET
+    wait = check_throttles(request, SEARCH_THROTTLES) if searching else None
+    if wait is not None:
+        context = {"text_form": TextSearchForm(), "image_form": ImageSearchForm(),
+                   "error": f"Too many searches; try again in {int(wait) + 1} seconds."}
+        response = render(request, "search/home.html", context, status=429)
+        response["Retry-After"] = str(int(wait) + 1)
+        return response
     context = {"text_form": TextSearchForm(request.GET or None), "image_form": ImageSearchForm()}
     status = 200
     try:
@@ -22,7 +34,7 @@ def home(request):
             context["image_form"] = form
             if form.is_valid():
                 k = form.cleaned_data.get("k") or DEFAULT_K
-                context["result"] = queries.search_image(form.cleaned_data["image"].read(), k)
+                context["result"] = queries.search_image(read_upload(form.cleaned_data["image"]), k)
                 context["mode"] = "image"
             else:
                 status = 400

@@ -50,7 +50,7 @@ def test_admin_adds_an_image_with_inline_captions_and_queues_embedding(
 def test_admin_rejects_a_file_that_is_not_an_image(admin_client_staff):
     data = {"image": SimpleUploadedFile("x.png", b"not an image"), "collection": "", **inline_data(["x"])}
     response = admin_client_staff.post("/admin/search/imageasset/add/", data)
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert b"not a readable image" in response.content
     assert not ImageAsset.objects.exists() and not Caption.objects.exists()
 
@@ -59,7 +59,7 @@ def test_admin_rejects_the_same_caption_twice(admin_client_staff):
     data = {"image": SimpleUploadedFile("c.png", image_bytes()), "collection": "",
             **inline_data(["A dog", "a  dog"])}
     response = admin_client_staff.post("/admin/search/imageasset/add/", data)
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert b"same caption" in response.content
     assert not ImageAsset.objects.exists()
 
@@ -96,7 +96,7 @@ def test_bulk_upload_with_a_malformed_captions_file_stores_nothing(admin_client_
     files = [SimpleUploadedFile("one.png", image_bytes())]
     captions = SimpleUploadedFile("captions.json", b"{not json")
     response = admin_client_staff.post("/admin/search/imageasset/bulk-upload/", {"images": files, "captions": captions})
-    assert response.status_code == 200
+    assert response.status_code == 400
     assert b"not valid JSON" in response.content
     assert not ImageAsset.objects.exists()
 

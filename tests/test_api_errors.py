@@ -127,3 +127,10 @@ def test_openapi_schema_lists_the_endpoints(api_client):
     paths = response.json()["paths"]
     for route in ["/api/search/text/", "/api/search/image/", "/api/assets/", "/api/assets/{id}/"]:
         assert route in paths
+
+
+def test_a_very_long_query_is_truncated_not_refused(api_client, client, tiny_model):
+    words = "a red square next to a blue circle " * 600  # ~21,000 characters
+    response = api_client.post("/api/search/text/", {"query": words, "k": 5}, format="json")
+    assert response.status_code == 200, response.content[:300]
+    assert client.get("/", {"q": words[:6000]}).status_code == 200

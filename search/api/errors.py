@@ -1,11 +1,18 @@
 """Every API error is JSON with a reason: {"detail": "..."}; never a 500 for bad input."""
 
-from django.core.exceptions import ObjectDoesNotExist
+from django.core.exceptions import (
+    ObjectDoesNotExist,
+    RequestDataTooBig,
+    SuspiciousOperation,
+    TooManyFieldsSent,
+    TooManyFilesSent,
+)
 from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from embeddings.services import ModelNotAvailable, NoActiveModel
+from portal.middleware import UNAVAILABLE, unavailable_reason
 from search.ingest import InvalidUpload
 from search.queries import InvalidQuery
 
@@ -17,4 +24,18 @@ def exception_handler(exc, context):
         return Response({"detail": str(exc) or "Not found."}, status=status.HTTP_404_NOT_FOUND)
     if isinstance(exc, (NoActiveModel, ModelNotAvailable)):
         return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+    if isinstance(exc, UNAVAILABLE):
+        return Response({"detail": unavailable_reason(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE,
+                        headers={"Retry-After": "5"})
+    if isinstance(exc, RequestDataTooBig):
+        return Response({"detail": "The request body is larger than allowed."},
+                        status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
+    if isinstance(exc, (TooManyFilesSent, TooManyFieldsSent)):
+        return Response({"detail": f"The request was refused: {exc}"}, status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, SuspiciousOperation):
+        return Response({"detail": "The request was refused: it is malformed or not allowed."},
+                        status=status.HTTP_400_BAD_REQUEST)
+    if isinstance(exc, UnicodeError):  # lone surrogates and the like, sent as JSON escapes
+        return Response({"detail": "The request contains text that is not valid Unicode."},
+                        status=status.HTTP_400_BAD_REQUEST)
     return drf_exception_handler(exc, context)

@@ -55,7 +55,8 @@ def k_field():
 
 
 class TextSearchRequestSerializer(serializers.Serializer):
-    query = serializers.CharField(trim_whitespace=True, allow_blank=False, max_length=10000)
+    query = serializers.CharField(trim_whitespace=True, allow_blank=False,
+                                  help_text="Any length; the model reads its first 64 tokens.")
     k = k_field()
 
 

@@ -1,41 +1,44 @@
-from django.db import transaction
+import time
+
 from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, permissions, status, viewsets
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from search import ingest, queries
-from search.indexing import schedule_index_sync
 from search.models import ImageAsset
-from embeddings.models import EmbeddingModel
+from embeddings.services import active_model
 
 from . import serializers as s
+from .access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
 
-
-class IsStaffOrReadOnly(permissions.BasePermission):
-    def has_permission(self, request, view):
-        if request.method in permissions.SAFE_METHODS:
-            return True
-        return bool(request.user and request.user.is_staff)
+__all__ = ["AssetViewSet", "ImageSearchView", "IsStaffOrReadOnly", "TextSearchView"]
 
 
 class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
                    mixins.DestroyModelMixin, viewsets.GenericViewSet):
-    """Image assets with their captions. Uploads and deletions need a staff account."""
+    """Image assets with their captions. Uploads, deletions and re-indexing need a staff account."""
 
     queryset = ImageAsset.objects.prefetch_related("captions")
     serializer_class = s.AssetSerializer
-    permission_classes = [IsStaffOrReadOnly]
+    permission_classes = [SearchAllowed, IsStaffOrReadOnly]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    def get_throttles(self):
+        return [UploadThrottle()] if self.action == "create" else []
 
     @extend_schema(request={"multipart/form-data": s.AssetUploadSerializer}, responses={201: s.AssetSerializer, 200: s.AssetSerializer})
     def create(self, request, *args, **kwargs):
+        if len(request.FILES.getlist("image")) > 1:
+            raise ValidationError({"image": ["Send one image per request (or use the admin's bulk upload)."]})
         upload = s.AssetUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
         result = ingest.ingest_image(
-            data["image"].read(), data["captions"], original_name=data["image"].name,
+            ingest.read_upload(data["image"]), data["captions"], original_name=data["image"].name,
             user=request.user, collection=data["collection"],
         )
         asset = self.get_queryset().get(pk=result.asset.pk)
@@ -43,34 +46,63 @@ class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                         status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
     def perform_destroy(self, instance):
-        with transaction.atomic():
-            instance.delete()
-            for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
-                schedule_index_sync(model_id)
-        instance.file.storage.delete(instance.file.name)
+        # Gone from every search as soon as the row is; the index files follow on the next sync.
+        ingest.delete_assets(ImageAsset.objects.filter(pk=instance.pk))
+
+    @extend_schema(request=None, responses={202: None})
+    @action(detail=False, methods=["post"])
+    def reindex(self, request):
+        """Rebuild the active model's indices from the vectors in Postgres (on a worker)."""
+        from search.tasks import rebuild_indices
+
+        model = active_model()
+        rebuild_indices.delay(model.pk)
+        return Response({"detail": f"Rebuilding the indices of {model.name}."}, status=status.HTTP_202_ACCEPTED)
+
+
+def _timed(response, result, started, searched):
+    """Add a ``Server-Timing`` header: encode, search (index and rows), serialise
+    and the whole view in ms, and whether the query embedding came from the cache."""
+    done = time.perf_counter()
+    timings = result.timings
+    parts = [
+        f"encode;dur={timings.get('encode_ms', 0.0):.2f}",
+        f"search;dur={timings.get('search_ms', 0.0):.2f}",
+        f"serialise;dur={(done - searched) * 1000:.2f}",
+        f"view;dur={(done - started) * 1000:.2f}",
+    ]
+    if timings.get("query_cache"):
+        parts.append(f'cache;desc="{timings["query_cache"]}"')
+    response["Server-Timing"] = ", ".join(parts)
+    return response
 
 
 class TextSearchView(APIView):
     """Text→image: the images that best match a sentence."""
 
-    permission_classes = [permissions.AllowAny]
+    permission_classes = [SearchAllowed]
+    throttle_classes = SEARCH_THROTTLES
     parser_classes = [JSONParser, FormParser]
 
     @extend_schema(request=s.TextSearchRequestSerializer, responses=s.TextSearchResponseSerializer)
     def post(self, request):
+        started = time.perf_counter()
         params = s.TextSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         result = queries.search_text(params.validated_data["query"], params.validated_data["k"])
-        return Response(s.TextSearchResponseSerializer(
+        searched = time.perf_counter()
+        data = s.TextSearchResponseSerializer(
             {"results": result.images, "took_ms": result.took_ms, "model": result.model.name},
             context={"request": request},
-        ).data)
+        ).data
+        return _timed(Response(data), result, started, searched)
 
 
 class ImageSearchView(APIView):
     """Image→text and image→image: captions and similar images for an image."""
 
-    permission_classes = [permissions.AllowAny]
+    permission_classes = [SearchAllowed]
+    throttle_classes = SEARCH_THROTTLES
     parser_classes = [MultiPartParser, FormParser, JSONParser]
 
     @extend_schema(request={"multipart/form-data": s.ImageSearchRequestSerializer,
@@ -80,12 +112,15 @@ class ImageSearchView(APIView):
         params = s.ImageSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
+        started = time.perf_counter()
         if data.get("image"):
             result = queries.search_image(data["image"].read(), data["k"])
         else:
             result = queries.search_asset(data["asset_id"], data["k"])
-        return Response(s.ImageSearchResponseSerializer(
+        searched = time.perf_counter()
+        body = s.ImageSearchResponseSerializer(
             {"captions": result.captions, "images": result.images, "took_ms": result.took_ms,
              "model": result.model.name},
             context={"request": request},
-        ).data)
+        ).data
+        return _timed(Response(body), result, started, searched)
