@@ -1,16 +1,29 @@
 from django.conf import settings
 from django.contrib import admin
+from django.contrib.auth import views as auth_views
 from django.urls import include, path, re_path
 from django.views.static import serve
 
 from evaluation import views as evaluation_views
+from portal import middleware
 from search import views as search_views
+
+# Outages (database, Valkey) anywhere in a request become a 503; API errors stay JSON.
+handler500 = "portal.middleware.server_error"
+handler400 = "portal.middleware.bad_request"
 
 urlpatterns = [
     path("", search_views.home, name="home"),
     path("benchmarks/", evaluation_views.history, name="benchmarks"),
+    path("benchmarks/", include("evaluation.urls")),
     path("admin/", admin.site.urls),
     path("api/", include("search.api.urls")),
+    path("health/", middleware.health, name="health"),
+    # For SEARCH_REQUIRES_LOGIN: any active user may log in here; the admin stays staff-only.
+    path("accounts/login/", auth_views.LoginView.as_view(
+        template_name="admin/login.html", extra_context={"site_header": "Visual search", "title": "Log in"},
+    ), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
 ]
 
 if settings.SERVE_MEDIA:

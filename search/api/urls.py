@@ -12,5 +12,6 @@ urlpatterns = [
     path("search/image/", views.ImageSearchView.as_view(), name="api-search-image"),
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("benchmarks/", include("evaluation.api_urls")),
     path("", include(router.urls)),
 ]

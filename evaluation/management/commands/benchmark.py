@@ -1,0 +1,120 @@
+import time
+
+from django.core.management.base import BaseCommand, CommandError
+
+from embeddings.models import EmbeddingModel
+from embeddings.services import NoActiveModel
+from evaluation import datasets, services
+from evaluation.models import BenchmarkRun
+
+POLL_SECONDS = 1.0
+NO_WORKER_HINT_SECONDS = 30
+
+
+class Command(BaseCommand):
+    help = (
+        "Run a retrieval benchmark (recall@K, mAP, ranks, latency, throughput) on a dataset split. "
+        "Runs in this process by default; --queue hands it to a worker."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("path", help="the dataset JSON file, or the folder holding it")
+        parser.add_argument("--kind", default="auto", choices=["auto", *datasets.KINDS],
+                            help="dataset layout (default: detect from the file)")
+        parser.add_argument("--split", default="", help="split (default: test, or the COCO file's own)")
+        parser.add_argument("--limit", type=int, help="only the first N images of the split")
+        parser.add_argument("--collection", default="", help="collection name (default: <kind>-<split>)")
+        parser.add_argument("--model", help="embedding model name or id (default: the active model)")
+        parser.add_argument("--queue", action="store_true", help="queue the run for a worker instead")
+        parser.add_argument("--wait", action="store_true", help="with --queue: follow the run until it ends")
+
+    def handle(self, *args, **options):
+        from tqdm import tqdm
+
+        try:
+            run = services.prepare_run(
+                dataset=options["kind"], path=options["path"], split=options["split"], limit=options["limit"],
+                collection=options["collection"], model=self._model(options["model"]),
+            )
+        except (datasets.DatasetError, NoActiveModel) as exc:
+            raise CommandError(str(exc)) from exc
+
+        if options["queue"]:
+            services.queue_run(run)
+            self.stdout.write(f"Benchmark run {run.pk} queued ({run.dataset} {run.split}, model {run.model_name}).")
+            if not options["wait"]:
+                return
+        else:
+            run.save()
+            self.stdout.write(f"Benchmark run {run.pk}: {run.dataset} {run.split}, model {run.model_name}.")
+
+        with tqdm(total=100, unit="%", desc="benchmark", bar_format="{l_bar}{bar}| {n:.0f}% {postfix}") as bar:
+            def show(percent, stage):
+                bar.update(percent - bar.n)
+                bar.set_postfix_str(stage[:60], refresh=True)
+
+            if options["queue"]:
+                self._follow(run.pk, show)
+            else:
+                try:
+                    services.run_benchmark(run.pk, progress=show)
+                except Exception:
+                    pass  # stored on the run; reported below
+        run.refresh_from_db()
+        if run.status != BenchmarkRun.Status.SUCCEEDED:
+            raise CommandError(f"Benchmark run {run.pk} {run.status}: {run.error}")
+        self.stdout.write(self.table(run))
+
+    def _model(self, value):
+        if not value:
+            return None
+        model = EmbeddingModel.objects.filter(name=value).first()
+        if model is None and value.isdigit():
+            model = EmbeddingModel.objects.filter(pk=int(value)).first()
+        if model is None:
+            raise CommandError(f"No embedding model named {value!r}.")
+        return model
+
+    def _follow(self, run_id, show):
+        waited = time.monotonic()
+        hinted = False
+        while True:
+            run = BenchmarkRun.objects.get(pk=run_id)
+            show(run.progress, run.stage or run.status)
+            if not run.is_active:
+                return
+            if run.status == BenchmarkRun.Status.QUEUED and not hinted and \
+                    time.monotonic() - waited > NO_WORKER_HINT_SECONDS:
+                self.stderr.write("Still queued: is a worker running? (Without one, run without --queue.)")
+                hinted = True
+            time.sleep(POLL_SECONDS)
+
+    @staticmethod
+    def table(run) -> str:
+        def pct(metrics, key):
+            value = (metrics or {}).get(key)
+            return "—" if value is None else f"{100 * value:.1f}"
+
+        def num(value, digits=1):
+            return "—" if value is None else f"{value:.{digits}f}"
+
+        header = f"{'direction':<14}{'queries':>8}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mAP':>7}" \
+                 f"{'med.rank':>10}{'mean rank':>11}{'p50 ms':>9}{'p95 ms':>9}"
+        lines = [
+            f"Run {run.pk}: {run.dataset} {run.split}, {run.gallery_images} images / {run.gallery_captions} captions, "
+            f"model {run.model_name}, index {run.index_backend}",
+            header,
+            "-" * len(header),
+        ]
+        for name, m, p50, p95 in (
+            ("text → image", run.text_to_image, run.t2i_latency_p50_ms, run.t2i_latency_p95_ms),
+            ("image → text", run.image_to_text, run.i2t_latency_p50_ms, run.i2t_latency_p95_ms),
+        ):
+            lines.append(
+                f"{name:<14}{m.get('queries', 0):>8}{pct(m, 'recall@1'):>7}{pct(m, 'recall@5'):>7}"
+                f"{pct(m, 'recall@10'):>7}{pct(m, 'mAP'):>7}{num(m.get('median_rank')):>10}"
+                f"{num(m.get('mean_rank'), 2):>11}{num(p50):>9}{num(p95):>9}"
+            )
+        lines.append(f"Embedding: {num(run.images_per_second)} images/s, {num(run.captions_per_second)} captions/s "
+                     f"on {run.machine.get('device', '?')} ({run.machine.get('cpu_count', '?')} CPUs).")
+        return "\n".join(lines)
