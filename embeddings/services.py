@@ -30,8 +30,10 @@ def active_model() -> EmbeddingModel:
 
 
 def encoder_for(model: EmbeddingModel) -> SiglipEncoder:
-    """The loaded encoder of a model, cached per process."""
-    return get_encoder(model.source, device=settings.SIGLIP_DEVICE).load()
+    """The loaded encoder of a model, cached per process, running the towers
+    with ``settings.SIGLIP_INFERENCE`` (ONNX exports kept under the state folder)."""
+    return get_encoder(model.source, device=settings.SIGLIP_DEVICE, backend=settings.SIGLIP_INFERENCE,
+                       onnx_cache_dir=Path(settings.STATE_DIR) / "onnx").load()
 
 
 def register_model(source: str, *, name: str | None = None, kind: str = EmbeddingModel.Kind.PRETRAINED,
@@ -54,6 +56,7 @@ def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:
     Idempotent: running it twice stores nothing the second time.
     """
     from search.indexing import schedule_index_sync
+    from search.ingest import inspect_image
     from search.models import Caption, ImageAsset
 
     model = model or active_model()
@@ -65,7 +68,11 @@ def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:
     rows = []
     if not Embedding.objects.filter(model=model, asset=asset).exists():
         with asset.file.open("rb") as handle:
-            vector = encoder.encode_images([handle.read()])[0]
+            data = handle.read()
+        # The same caps as at upload (size, pixels from the header, format, complete data), so a
+        # file that changed on disk or came in another way cannot take the worker down.
+        inspect_image(data)
+        vector = encoder.encode_images([data])[0]
         rows.append(Embedding(model=model, asset=asset, vector=Embedding.pack(vector)))
     captions = list(
         Caption.objects.filter(asset=asset).exclude(embeddings__model=model).order_by("id")
@@ -80,7 +87,13 @@ def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:
         live_captions = set(Caption.objects.filter(asset_id=asset_id).values_list("id", flat=True))
         rows = [r for r in rows if r.caption_id is None or r.caption_id in live_captions]
         Embedding.objects.bulk_create(rows, ignore_conflicts=True)
-        ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.EMBEDDED, error="")
+        # Captions added while this ran keep the asset pending: their own task (or the
+        # reconciler) embeds them and marks it embedded then.
+        complete = Embedding.objects.filter(model=model, asset_id=asset_id).exists() and not (
+            Caption.objects.filter(asset_id=asset_id).exclude(embeddings__model=model).exists()
+        )
+        if complete:
+            ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.EMBEDDED, error="")
         schedule_index_sync(model.pk)
     return len(rows)
 

@@ -11,13 +11,18 @@ float32 vectors, ready for cosine / inner-product search.
   processes that never load the model.
 * :class:`SiglipEncoder` loads a checkpoint lazily (hub id or local directory)
   and encodes pixels, images and texts.
-* :func:`get_encoder` keeps one encoder per ``(source, device)`` per process.
+* :func:`get_encoder` keeps one encoder per ``(source, device, backend)`` per
+  process.
+
+How the towers run (torch fp32/bf16, torch int8, ONNX Runtime fp32 or int8) is
+chosen with ``backend``; see :mod:`embeddings.inference`.
 
 This module does not import Django.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -330,38 +335,87 @@ def _as_text_list(texts) -> list[str]:
     return texts
 
 
+def _checkpoint_directory(source: str) -> str:
+    """The local folder holding a checkpoint's config and weights; for a hub
+    id, its cached snapshot (the weights are fetched when missing)."""
+    if os.path.isdir(source):
+        directory = source
+    else:
+        import json
+
+        from transformers.utils import cached_file
+
+        directory = None
+        try:
+            for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+                path = cached_file(source, name, _raise_exceptions_for_missing_entries=False)
+                if path:
+                    directory = os.path.dirname(path)
+                    if name.endswith(".index.json"):
+                        with open(path, encoding="utf-8") as fh:
+                            shards = sorted(set(json.load(fh)["weight_map"].values()))
+                        for shard in shards:
+                            cached_file(source, shard)
+                    break
+        except Exception as exc:
+            raise ModelNotAvailable(source, _short_reason(exc)) from exc
+        if directory is None:
+            raise ModelNotAvailable(source, "the checkpoint has no model weights")
+    names = os.listdir(directory)
+    if not any(name.endswith((".safetensors", ".bin")) for name in names):
+        raise ModelNotAvailable(source, f"no model weights in {directory}")
+    return directory
+
+
 class SiglipEncoder:
     """Encode images and texts with a SigLIP checkpoint.
 
     ``source`` is a hub id (e.g. ``google/siglip-base-patch16-224``) or a local
     checkpoint directory.  Nothing is loaded until :meth:`load` (called
-    implicitly by the encoding methods).  On CUDA the model runs in bfloat16,
-    on CPU in float32; outputs are always float32, L2-normalised.
+    implicitly by the encoding methods).  With the ``torch`` backend (the
+    default here) the model runs in bfloat16 on CUDA and in float32 on CPU;
+    ``backend`` may name another one of :data:`embeddings.inference.BACKENDS`
+    or ``"auto"`` (the fastest for the device).  ONNX backends keep their
+    exports in ``onnx_cache_dir``.  Outputs are always float32, L2-normalised.
     """
 
-    def __init__(self, source: str, device: str | None = None):
+    def __init__(self, source: str, device: str | None = None, backend: str | None = "torch",
+                 onnx_cache_dir=None, threads: int | None = None):
+        from . import inference
+
         self.source = str(source)
         self.device = str(device) if device else _default_device()
+        self.backend = inference.resolve_backend(backend, self.device)
+        self.onnx_cache_dir = onnx_cache_dir
+        self.threads = threads
         self._lock = threading.Lock()
         self._model = None
+        self._towers = None
         self._tokenizer = None
         self._dtype = None
+        self._config = None
+        self._resolved_source: str | None = None
         self.preprocessor: ImagePreprocessor | None = None
         self.dim: int | None = None
         self.image_size: int | None = None
 
     def __repr__(self) -> str:
         state = "loaded" if self.is_loaded else "not loaded"
-        return f"<SiglipEncoder {self.source!r} on {self.device} ({state})>"
+        return f"<SiglipEncoder {self.source!r} on {self.device} via {self.backend} ({state})>"
 
     @property
     def is_loaded(self) -> bool:
-        return self._model is not None
+        return self._towers is not None
 
     @property
     def model(self):
-        """The underlying ``SiglipModel`` (loads it if needed)."""
+        """The underlying float ``SiglipModel`` (loads it if needed; with an
+        ONNX backend it is only read from disk when asked for)."""
         self.load()
+        if self._model is None:
+            with self._lock:
+                if self._model is None:
+                    self._model = self._load_model()
         return self._model
 
     @property
@@ -373,11 +427,12 @@ class SiglipEncoder:
     # -- loading -----------------------------------------------------------
 
     def load(self) -> SiglipEncoder:
-        """Load model, tokenizer and preprocessing config once; thread-safe."""
-        if self._model is not None:
+        """Load tokenizer, preprocessing config and the backend's towers once;
+        thread-safe.  ONNX towers are exported and opened on first use."""
+        if self._towers is not None:
             return self
         with self._lock:
-            if self._model is None:
+            if self._towers is None:
                 self._load_locked()
         return self
 
@@ -394,7 +449,9 @@ class SiglipEncoder:
 
     def _load_locked(self) -> None:
         import torch
-        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, SiglipModel
+        from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+
+        from . import inference
 
         source = self._resolve_source()
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
@@ -425,23 +482,53 @@ class SiglipEncoder:
                 f"its preprocessing size {preprocessor.height}x{preprocessor.width} does not match "
                 f"the model's image size {vision_size}",
             )
-        try:
-            model = SiglipModel.from_pretrained(source, config=config, dtype=dtype)
-        except Exception as exc:
-            raise ModelNotAvailable(self.source, _short_reason(exc)) from exc
-        model.to(self.device)
-        model.eval()
+        self._resolved_source = source
+        self._config = config
+        self._dtype = dtype
+        model = None
+        if self.backend in ("torch", "torch-int8"):
+            model = self._load_model()
+            towers = inference.torch_towers(model, self.backend, self.device, dtype)
+        else:
+            towers = inference.onnx_towers(
+                _checkpoint_directory(source), self.backend, self._export_model,
+                cache_dir=self.onnx_cache_dir, threads=self.threads,
+            )
 
         self._tokenizer = tokenizer
-        self._dtype = dtype
         self.preprocessor = preprocessor
         self.image_size = preprocessor.height
         self.dim = int(config.vision_config.hidden_size)
-        self._model = model  # set last: marks the encoder as loaded
+        self._model = model
+        self._towers = towers  # set last: marks the encoder as loaded
         logger.info(
-            "loaded SigLIP %s on %s (%s, dim %d, image size %d)",
-            self.source, self.device, str(dtype).replace("torch.", ""), self.dim, self.image_size,
+            "loaded SigLIP %s on %s (%s, %s, dim %d, image size %d)",
+            self.source, self.device, self.backend, str(dtype).replace("torch.", ""), self.dim, self.image_size,
         )
+
+    def _load_model(self, *, for_export: bool = False):
+        """The checkpoint's ``SiglipModel``: on this encoder's device and dtype,
+        or (``for_export``) a float32 CPU copy with eager attention."""
+        import torch
+        from transformers import SiglipModel
+
+        if for_export:
+            options = {"config": copy.deepcopy(self._config), "dtype": torch.float32,
+                       "attn_implementation": "eager"}
+            device = "cpu"
+        else:
+            options = {"config": self._config, "dtype": self._dtype}
+            device = self.device
+        try:
+            model = SiglipModel.from_pretrained(self._resolved_source, **options)
+        except Exception as exc:
+            raise ModelNotAvailable(self.source, _short_reason(exc)) from exc
+        model.to(device)
+        model.eval()
+        return model
+
+    def _export_model(self):
+        return self._load_model(for_export=True)
 
     # -- preprocessing -----------------------------------------------------
 
@@ -473,17 +560,20 @@ class SiglipEncoder:
     def _empty(self) -> np.ndarray:
         return np.zeros((0, self.dim), dtype=np.float32)
 
-    @staticmethod
-    def _normalise(features) -> np.ndarray:
-        import torch
-
-        features = torch.nn.functional.normalize(features.float(), p=2, dim=-1)
-        return features.cpu().numpy().astype(np.float32, copy=False)
+    def token_ids(self, texts: Sequence[str]) -> np.ndarray:
+        """Texts -> (N, 64) int64 token ids, padded like :meth:`tokenize`."""
+        texts = _as_text_list(texts)
+        encoded = self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=TEXT_MAX_LENGTH,
+            truncation=True,
+            return_tensors="np",
+        )
+        return np.asarray(encoded["input_ids"], dtype=np.int64)
 
     def encode_pixels(self, pixel_values: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """(N, 3, H, W) pixel values -> (N, dim) float32 unit vectors."""
-        import torch
-
         self.load()
         pixel_values = np.asarray(pixel_values, dtype=np.float32)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
@@ -491,13 +581,11 @@ class SiglipEncoder:
         if len(pixel_values) == 0:
             return self._empty()
         batch_size = max(1, int(batch_size))
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(pixel_values), batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(pixel_values[start : start + batch_size]))
-                batch = batch.to(device=self.device, dtype=self._dtype)
-                features = self._model.get_image_features(pixel_values=batch).pooler_output
-                out.append(self._normalise(features))
+        tower = self._towers["image"]
+        out = [
+            tower(np.ascontiguousarray(pixel_values[start : start + batch_size]))
+            for start in range(0, len(pixel_values), batch_size)
+        ]
         return np.concatenate(out)
 
     def encode_images(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
@@ -514,36 +602,57 @@ class SiglipEncoder:
         ]
         return np.concatenate(out)
 
+    def encode_token_ids(self, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """(N, 64) token ids (as from :meth:`tokenize`) -> (N, dim) float32 unit vectors."""
+        self.load()
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape (N, length), got {input_ids.shape}")
+        if len(input_ids) == 0:
+            return self._empty()
+        batch_size = max(1, int(batch_size))
+        tower = self._towers["text"]
+        out = [
+            tower(np.ascontiguousarray(input_ids[start : start + batch_size]))
+            for start in range(0, len(input_ids), batch_size)
+        ]
+        return np.concatenate(out)
+
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Texts -> (N, dim) float32 unit vectors."""
-        import torch
-
         texts = _as_text_list(texts)
         self.load()
         if not texts:
             return self._empty()
         batch_size = max(1, int(batch_size))
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(texts), batch_size):
-                input_ids = self.tokenize(texts[start : start + batch_size])["input_ids"]
-                features = self._model.get_text_features(input_ids=input_ids.to(self.device)).pooler_output
-                out.append(self._normalise(features))
+        out = [
+            self.encode_token_ids(self.token_ids(texts[start : start + batch_size]), batch_size)
+            for start in range(0, len(texts), batch_size)
+        ]
         return np.concatenate(out)
 
 
-_ENCODERS: dict[tuple[str, str], SiglipEncoder] = {}
+_ENCODERS: dict[tuple, SiglipEncoder] = {}
 _ENCODERS_LOCK = threading.Lock()
 
 
-def get_encoder(source: str, device: str | None = None) -> SiglipEncoder:
-    """The process-wide encoder for ``(source, device)``; created on first use
-    and loaded lazily, so each process loads a given model at most once."""
-    key = (str(source), str(device) if device else _default_device())
+def get_encoder(source: str, device: str | None = None, backend: str | None = "torch",
+                onnx_cache_dir=None) -> SiglipEncoder:
+    """The process-wide encoder for ``(source, device, backend)``; created on
+    first use and loaded lazily, so each process loads a given model at most
+    once per backend.  ``backend`` ``"auto"`` resolves per device (see
+    :func:`embeddings.inference.default_backend`)."""
+    from . import inference
+
+    device = str(device) if device else _default_device()
+    resolved = inference.resolve_backend(backend, device)
+    key = (str(source), device) if resolved == "torch" else (str(source), device, resolved)
     with _ENCODERS_LOCK:
         encoder = _ENCODERS.get(key)
         if encoder is None:
-            encoder = _ENCODERS[key] = SiglipEncoder(key[0], key[1])
+            encoder = _ENCODERS[key] = SiglipEncoder(
+                key[0], device, backend=resolved, onnx_cache_dir=onnx_cache_dir
+            )
         return encoder
 
 

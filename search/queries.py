@@ -11,6 +11,7 @@ from django.conf import settings
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import active_model, encoder_for
 
+from . import querycache
 from .indexing import loaded_indices
 from .models import Caption, ImageAsset, IndexBuild
 
@@ -89,7 +90,8 @@ def search_text(query, k=10) -> SearchResult:
     query = clean_text_query(query)
     started = time.perf_counter()
     model = active_model()
-    vector = encoder_for(model).encode_texts([query])[0]
+    # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
+    vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
     hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, _assets())
     done = time.perf_counter()
@@ -97,7 +99,8 @@ def search_text(query, k=10) -> SearchResult:
         model=model,
         images=[ImageHit(a, s) for a, s in hits],
         took_ms=(done - started) * 1000,
-        timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000},
+        timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000,
+                 "query_cache": cache},
     )
 
 

@@ -1,0 +1,144 @@
+"""Cache of text-query embeddings, so a repeated query skips the text tower.
+
+Two levels:
+
+* a per-process LRU (``SEARCH_QUERY_CACHE_SIZE`` entries, 3 KB each for a base
+  model): a hit costs microseconds;
+* the shared Django cache (Redis / Valkey), so a query embedded by one web
+  process is a hit in the others: a hit costs one round trip (a fraction of a
+  millisecond on the same host). Entries expire after
+  ``SEARCH_QUERY_CACHE_TTL`` seconds (default one day), which bounds what the
+  shared level holds; the server's memory policy bounds it further.
+
+The key is the embedding model (its id and checkpoint), the inference backend
+and the query *as the model's tokenizer sees it*: the 64 token ids. So texts
+that differ only in what SigLIP's tokenizer drops (case, punctuation, extra
+spaces) or past the 64th token share one entry, and nothing else does.
+
+A broken or unreachable shared cache only costs the shared level: the search
+goes on with the local one and the encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import OrderedDict
+
+import numpy as np
+from django.conf import settings
+from django.core.cache import cache
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "query-embedding:v1"
+DEFAULT_SIZE = 4096
+DEFAULT_TTL = 24 * 3600
+
+HIT_LOCAL = "local"
+HIT_SHARED = "shared"
+MISS = "miss"
+
+
+def _size() -> int:
+    return max(0, int(getattr(settings, "SEARCH_QUERY_CACHE_SIZE", DEFAULT_SIZE)))
+
+
+def _ttl() -> int:
+    return max(1, int(getattr(settings, "SEARCH_QUERY_CACHE_TTL", DEFAULT_TTL)))
+
+
+def cache_key(model, encoder, input_ids: np.ndarray) -> str:
+    """The key of one query: model, checkpoint, backend and token ids."""
+    digest = hashlib.sha256()
+    digest.update(f"{model.pk}\0{model.source}\0{encoder.backend}\0".encode())
+    digest.update(np.ascontiguousarray(input_ids, dtype="<i8").tobytes())
+    return f"{KEY_PREFIX}:{model.pk}:{digest.hexdigest()}"
+
+
+class QueryEmbeddingCache:
+    """Per-process LRU in front of the shared Django cache."""
+
+    def __init__(self, size: int | None = None):
+        self._size = size
+        self._local: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return _size() if self._size is None else max(0, int(self._size))
+
+    def __len__(self) -> int:
+        return len(self._local)
+
+    def clear(self) -> None:
+        """Empty this process's level (the shared one expires by itself)."""
+        with self._lock:
+            self._local.clear()
+
+    # -- the two levels ------------------------------------------------------
+
+    def _get_local(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            vector = self._local.get(key)
+            if vector is not None:
+                self._local.move_to_end(key)
+            return vector
+
+    def _put_local(self, key: str, vector: np.ndarray) -> None:
+        size = self.size
+        if not size:
+            return
+        with self._lock:
+            self._local[key] = vector
+            self._local.move_to_end(key)
+            while len(self._local) > size:
+                self._local.popitem(last=False)
+
+    @staticmethod
+    def _get_shared(key: str) -> np.ndarray | None:
+        try:
+            blob = cache.get(key)
+        except Exception as exc:  # the search must not fail because the cache did
+            log.warning("query cache unavailable: %s", exc)
+            return None
+        if not isinstance(blob, bytes) or len(blob) % 4:
+            return None
+        return np.frombuffer(blob, dtype="<f4")
+
+    @staticmethod
+    def _put_shared(key: str, vector: np.ndarray) -> None:
+        try:
+            cache.set(key, np.asarray(vector, dtype="<f4").tobytes(), timeout=_ttl())
+        except Exception as exc:
+            log.warning("query cache unavailable: %s", exc)
+
+    # -- use -----------------------------------------------------------------
+
+    def text_embedding(self, model, encoder, text: str) -> tuple[np.ndarray, str]:
+        """The unit vector of ``text`` and where it came from
+        (:data:`HIT_LOCAL`, :data:`HIT_SHARED` or :data:`MISS`)."""
+        input_ids = encoder.token_ids([text])
+        key = cache_key(model, encoder, input_ids)
+        vector = self._get_local(key)
+        if vector is not None:
+            return vector, HIT_LOCAL
+        vector = self._get_shared(key)
+        if vector is not None and vector.shape == (encoder.dim,):
+            vector.setflags(write=False)
+            self._put_local(key, vector)
+            return vector, HIT_SHARED
+        vector = np.array(encoder.encode_token_ids(input_ids)[0], dtype=np.float32)
+        vector.setflags(write=False)
+        self._put_local(key, vector)
+        self._put_shared(key, vector)
+        return vector, MISS
+
+
+query_cache = QueryEmbeddingCache()
+
+
+def text_embedding(model, encoder, text: str) -> tuple[np.ndarray, str]:
+    """:meth:`QueryEmbeddingCache.text_embedding` on the process-wide cache."""
+    return query_cache.text_embedding(model, encoder, text)
