@@ -22,7 +22,7 @@ from django.db import connection, transaction
 from embeddings.models import Embedding, EmbeddingModel
 
 from .models import IndexBuild
-from .vector_index import VectorIndex, create_index, load_index
+from .vector_index import VectorIndex, create_index, get_backend, load_index
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,14 @@ def _lock_key(model: EmbeddingModel, modality: str) -> int:
     return (model.pk << 4) | MODALITIES.index(modality)
 
 
+def _new_index(model: EmbeddingModel, modality: str) -> VectorIndex:
+    """An empty index of the configured backend, with the configured parameters
+    (table-backed backends name their storage after the model and modality)."""
+    backend = settings.VECTOR_INDEX_BACKEND
+    params = get_backend(backend).params_for_scope(settings.VECTOR_INDEX_PARAMS, f"m{model.pk}_{modality}")
+    return create_index(backend, model.dimension, **params)
+
+
 @dataclass
 class SyncResult:
     modality: str
@@ -108,7 +116,10 @@ def sync_index(model: EmbeddingModel, modality: str, *, rebuild: bool = False) -
         _remove_partial_writes(model, modality)
         index, previous = (None, None) if rebuild else _load_latest_valid(model, modality)
         if index is None:
-            index = create_index(settings.VECTOR_INDEX_BACKEND, model.dimension)
+            index = _new_index(model, modality)
+            if rebuild and not index.snapshot_files:  # a table-backed index (pgvector) starts afresh
+                index.drop()
+                index = _new_index(model, modality)
         wanted = stored_ids(model, modality)
         present = index.ids()
         missing = np.setdiff1d(wanted, present, assume_unique=True)

@@ -85,3 +85,18 @@ def test_rebuild_gives_the_same_vectors_as_stored(tiny_model, isolated):
     ids, scores = index.search(stored, 1)
     assert ids[:, 0].tolist() == [a.pk for a in assets]
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, params", [
+    ("faiss-hnsw", {"ef_search": 32}),
+    ("pgvector", {"ef_search": 20}),
+])
+def test_the_configured_backend_and_its_parameters_serve_searches(tiny_model, isolated, settings, backend, params):
+    settings.VECTOR_INDEX_BACKEND, settings.VECTOR_INDEX_PARAMS = backend, params
+    assets = [add_asset(tiny_model, (i * 60, 20, 20), [f"caption {i}"]) for i in range(3)]
+    build = indexing.sync_index(tiny_model, "image", rebuild=True).build
+    assert build.backend == backend and build.params["ef_search"] == params["ef_search"]
+    index = LoadedIndices().get(tiny_model, "image")
+    stored = indexing.stored_vectors(tiny_model, "image", [a.pk for a in assets])
+    ids, _ = index.search(stored, 1)
+    assert ids[:, 0].tolist() == [a.pk for a in assets]

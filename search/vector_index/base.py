@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import mmap
 import os
 import secrets
 import struct
@@ -69,7 +70,10 @@ class _HashingWriter:
         self._hash = hashlib.sha256()
 
     def write(self, data) -> int:
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if view.nbytes == 0:
+            return 0
+        view = view.cast("B")
         self._hash.update(view)
         self._raw.write(view)
         return view.nbytes
@@ -149,8 +153,11 @@ def read_index_file(
     """
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
+            size = os.fstat(fh.fileno()).st_size
+            # Mapped, not read: a multi-gigabyte index is then held once (by the
+            # backend that decodes it), not twice; the mapping goes with the view.
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except (OSError, ValueError) as exc:
         raise VectorIndexError(f"cannot read index file {os.fspath(path)!r}: {exc}") from exc
 
     if checksum is not None:
@@ -161,7 +168,7 @@ def read_index_file(
             )
 
     prefix = len(MAGIC) + _HEADER_LEN.size
-    if len(data) < prefix or not data.startswith(MAGIC):
+    if len(data) < prefix or data[: len(MAGIC)] != MAGIC:
         raise VectorIndexError(f"{os.fspath(path)!r} is not a vector index file")
     (header_len,) = _HEADER_LEN.unpack_from(data, len(MAGIC))
     if header_len > _MAX_HEADER_BYTES or prefix + header_len > len(data):
@@ -267,6 +274,18 @@ class VectorIndex(abc.ABC):
     """
 
     backend: ClassVar[str]
+    #: True when ``save`` writes the whole state, so a saved version never
+    #: changes afterwards. False for backends whose file only names storage
+    #: that lives elsewhere (``pgvector``: a table in PostgreSQL); loading such
+    #: a file gives the live rows, not the rows at saving time.
+    snapshot_files: ClassVar[bool] = True
+    #: False for approximate backends (HNSW graphs, IVF-PQ, pgvector HNSW):
+    #: their results may miss some of the exact top-k, and scores may be
+    #: approximations of the inner product.
+    exact: ClassVar[bool] = True
+    #: Names of the parameters that only affect searching and may be changed
+    #: on a built index with ``set_search_params``.
+    search_param_names: ClassVar[frozenset] = frozenset()
 
     def __init__(self, dim: int, **params: Any):
         if not _is_int(dim) or dim < 1:
@@ -308,6 +327,48 @@ class VectorIndex(abc.ABC):
     def __len__(self) -> int:
         return self.count()
 
+    # -- optional hooks -------------------------------------------------------
+
+    @property
+    def is_trained(self) -> bool:
+        """False while a backend that needs training (IVF-PQ) has not been
+        trained yet. Untrained indexes still accept rows and answer searches."""
+        return True
+
+    def train(self, vectors) -> None:
+        """Fit whatever the backend learns from data (coarse centroids, product
+        quantizer codebooks) on ``vectors`` (N, dim). A no-op for backends
+        that need no training."""
+        as_vectors(vectors, self.dim)
+
+    def set_search_params(self, **params: Any) -> None:
+        """Change search-time parameters (``ef_search``, ``nprobe``...) of this
+        instance; they are stored in ``params`` and saved with the index."""
+        unknown = sorted(set(params) - set(self.search_param_names))
+        if unknown:
+            known = ", ".join(sorted(self.search_param_names)) or "none"
+            raise VectorIndexError(
+                f"{unknown} are not search parameters of the {self.backend!r} backend "
+                f"(search parameters: {known})"
+            )
+        merged = {**self.params, **params}
+        self._check_params(merged)
+        self.params = merged
+
+    def _check_params(self, params: dict) -> None:
+        """Raise VectorIndexError if ``params`` are not valid for this backend."""
+
+    @classmethod
+    def params_for_scope(cls, params: dict | None, scope: str) -> dict:
+        """Parameters for the index of one scope (e.g. ``"m3_image"``: model 3,
+        image modality) from deployment-wide ``params``.
+
+        File-based backends use ``params`` unchanged. Backends that keep their
+        rows in shared storage derive a storage name from ``scope`` (pgvector:
+        one table per scope) unless ``params`` name one.
+        """
+        return dict(params or {})
+
     def __repr__(self) -> str:
         return (
             f"<{type(self).__name__} backend={self.backend!r} "
@@ -318,7 +379,10 @@ class VectorIndex(abc.ABC):
 
     @abc.abstractmethod
     def _serialize_payload(self):
-        """The backend's state as a bytes-like object (the file payload)."""
+        """The backend's state as the file payload: a bytes-like object, or a
+        list of parts written one after another, each bytes-like or a callable
+        ``part(fh)`` that writes itself (large indexes stream into the file
+        instead of being copied into memory first)."""
 
     @classmethod
     @abc.abstractmethod
@@ -347,7 +411,15 @@ class VectorIndex(abc.ABC):
 
         def write(fh) -> None:
             fh.write(header)
-            fh.write(self._serialize_payload())
+            payload = self._serialize_payload()
+            if isinstance(payload, (bytes, bytearray, memoryview, np.ndarray)):
+                fh.write(payload)
+            else:  # a sequence of parts, written one after another
+                for part in payload:
+                    if callable(part):
+                        part(fh)  # streams itself into the file
+                    else:
+                        fh.write(part)
 
         return atomic_write(path, write)
 

@@ -16,6 +16,9 @@ __all__ = ["BACKENDS", "create_index", "get_backend", "load_index", "register_ba
 
 BACKENDS: dict[str, str] = {
     "faiss-flat": "search.vector_index.faiss_flat.FaissFlatIndex",
+    "faiss-hnsw": "search.vector_index.faiss_hnsw.FaissHNSWIndex",
+    "faiss-ivfpq": "search.vector_index.faiss_ivfpq.FaissIVFPQIndex",
+    "pgvector": "search.vector_index.pgvector.PgVectorIndex",
 }
 
 _classes: dict[str, type[VectorIndex]] = {}

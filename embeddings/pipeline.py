@@ -1,0 +1,381 @@
+"""Bulk embedding: image files on disk -> vectors in PostgreSQL -> one index sync.
+
+``embed_assets_bulk(asset_ids, model)`` embeds many assets at once, the way a
+dataset import or ``embed_missing`` wants it, instead of one task per image:
+
+* **read + decode** in worker processes (a torch ``DataLoader``): each worker
+  reads the file, decodes it and resizes it with the checkpoint's own
+  preprocessing (:class:`embeddings.siglip.ImagePreprocessor`, picklable), so
+  the main process only batches ready pixels;
+* **model** in large batches; on CUDA (torch backend) the workers hand over
+  ``uint8`` pixels (a quarter of the bytes) in pinned memory, copied to the
+  GPU asynchronously and normalised there, and the model runs in bfloat16;
+  otherwise the workers hand over the exact float32 pixels of the per-asset
+  path and the encoder's own ``encode_pixels`` runs them (whatever inference
+  backend it uses);
+* **store** in bulk: ``Embedding.objects.bulk_create`` in chunks and one
+  ``UPDATE`` of the statuses per chunk, no per-image round trip;
+* **index**: one index sync at the end (or one scheduled after commit).
+
+Captions without a vector are embedded too (batched texts), as
+:func:`embeddings.services.embed_asset` does. The vectors are those of the
+per-asset path: the same pixels and the same model; only the batching
+differs, which moves float32 results by a rounding step at most (with
+``batch_size=1`` they are bit-identical).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .siglip import ImagePreprocessor, load_image
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BulkResult", "default_batch_size", "default_workers", "embed_assets_bulk"]
+
+STAGES = ("read", "decode", "model", "text", "store", "index")
+
+
+def default_workers(device: str) -> int:
+    """Decoding processes: on a GPU host all cores but two (the main process
+    feeds the GPU); on CPU the model wants the cores, so a few at most."""
+    cores = os.cpu_count() or 1
+    if device.startswith("cuda"):
+        return max(1, min(cores - 2, 32))
+    return max(1, min(4, cores // 4))
+
+
+def default_batch_size(device: str) -> int:
+    return 256 if device.startswith("cuda") else 16
+
+
+@dataclass
+class BulkResult:
+    """What a bulk run did, and where its time went.
+
+    ``seconds`` holds the busy time of each stage: for ``read`` and ``decode``
+    summed over the worker processes, so ``images_per_second`` divides by the
+    number of workers to give the rate that stage sustains.
+    """
+
+    images: int = 0
+    captions: int = 0
+    skipped: int = 0
+    failed: dict = field(default_factory=dict)  # asset id -> reason
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    wall_seconds: float = 0.0
+    workers: int = 0
+    batch_size: int = 0
+    device: str = "cpu"
+
+    def images_per_second(self) -> dict:
+        rates = {}
+        for stage in STAGES:
+            busy = self.seconds[stage]
+            if stage in ("read", "decode"):
+                busy /= max(1, self.workers)
+            rates[stage] = (self.images / busy) if busy > 0 and self.images else None
+        rates["end_to_end"] = self.images / self.wall_seconds if self.wall_seconds else None
+        return rates
+
+
+# --------------------------------------------------------------------------
+# Worker side (no Django here: runs in DataLoader worker processes)
+# --------------------------------------------------------------------------
+
+
+def _resized_uint8(preprocessor: ImagePreprocessor, data: bytes) -> np.ndarray:
+    """Decode and resize exactly as ``ImagePreprocessor.process_one``, stopping
+    before rescaling: (3, H, W) uint8."""
+    rgb = load_image(data)
+    if rgb.size != (preprocessor.width, preprocessor.height):
+        rgb = rgb.resize((preprocessor.width, preprocessor.height), resample=preprocessor.resample)
+    return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
+
+
+def _check_header(data: bytes, max_bytes: int | None, max_pixels: int | None) -> None:
+    """The upload caps (bytes, pixels from the header) before anything is decoded."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ValueError(f"the file is {len(data):,} bytes; the limit is {max_bytes:,}")
+    if max_pixels is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            raise ValueError(f"cannot decode image: {exc}") from exc
+        if width * height > max_pixels:
+            raise ValueError(f"the image is {width}x{height} pixels; the limit is {max_pixels:,}")
+
+
+class _ImageFiles:
+    """Map-style dataset: item i -> (asset id, pixels or None, error, read s, decode s)."""
+
+    def __init__(self, items: list[tuple[int, str | bytes]], preprocessor: ImagePreprocessor, uint8: bool,
+                 max_bytes: int | None = None, max_pixels: int | None = None):
+        self.items = items
+        self.preprocessor = preprocessor
+        self.uint8 = uint8
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        asset_id, source = self.items[i]
+        t0 = time.perf_counter()
+        try:
+            if isinstance(source, bytes):
+                data = source
+            else:
+                with open(source, "rb") as fh:
+                    data = fh.read()
+        except OSError as exc:
+            return asset_id, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0, 0.0
+        t1 = time.perf_counter()
+        try:
+            _check_header(data, self.max_bytes, self.max_pixels)
+            if self.uint8:
+                pixels = _resized_uint8(self.preprocessor, data)
+            else:
+                pixels = self.preprocessor.process_one(data)
+        except (ValueError, OSError) as exc:
+            return asset_id, None, f"{type(exc).__name__}: {exc}", t1 - t0, time.perf_counter() - t1
+        return asset_id, pixels, None, t1 - t0, time.perf_counter() - t1
+
+
+def _lower_priority(worker_id: int) -> None:
+    """On CPU the model is the bottleneck: decoding (a few per cent of a core)
+    takes only the cycles the model's threads leave."""
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+
+
+def _collate(samples):
+    import torch
+
+    ids, pixels, errors, read_s, decode_s = zip(*samples)
+    good = [p for p in pixels if p is not None]
+    batch = torch.from_numpy(np.stack(good)) if good else None
+    return {
+        "ids": [i for i, p in zip(ids, pixels) if p is not None],
+        "pixels": batch,
+        "failed": {i: e for i, p, e in zip(ids, pixels, errors) if p is None},
+        "read": float(sum(read_s)),
+        "decode": float(sum(decode_s)),
+    }
+
+
+# --------------------------------------------------------------------------
+# Main process
+# --------------------------------------------------------------------------
+
+
+def _normalise_on_device(batch, preprocessor: ImagePreprocessor, dtype):
+    """uint8 (N, 3, H, W) on the device -> the model's normalised input."""
+    import torch
+
+    x = batch.to(torch.float32)
+    if preprocessor.do_rescale:
+        x = x * preprocessor.rescale_factor
+    if preprocessor.do_normalize:
+        mean = torch.tensor(preprocessor.image_mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(preprocessor.image_std, device=x.device).view(1, -1, 1, 1)
+        x = (x - mean) / std
+    return x.to(dtype)
+
+
+def _image_features(encoder, pixels) -> np.ndarray:
+    import torch
+
+    with torch.inference_mode():
+        features = encoder.model.get_image_features(pixel_values=pixels).pooler_output
+        features = torch.nn.functional.normalize(features.float(), p=2, dim=-1)
+    return features.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _source_of(asset) -> str | bytes:
+    """A path the workers can open, or the bytes when the storage has no paths."""
+    try:
+        return asset.file.path
+    except NotImplementedError:
+        with asset.file.open("rb") as fh:
+            return fh.read()
+
+
+def embed_assets_bulk(
+    asset_ids,
+    model=None,
+    *,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    store_chunk: int = 2000,
+    index: str = "schedule",
+    progress=None,
+) -> BulkResult:
+    """Embed the images (and captions) of ``asset_ids`` that have no vector for
+    ``model`` (default: the active model); returns a :class:`BulkResult`.
+
+    ``index``: ``"sync"`` brings the indices up to date before returning,
+    ``"schedule"`` queues one sync after commit, ``"none"`` leaves it.
+    ``workers=0`` decodes in this process. ``progress`` is called with the
+    number of images done after each batch. Idempotent, like ``embed_asset``:
+    assets deleted meanwhile are skipped and unreadable images are marked
+    failed with their reason.
+    """
+    import torch
+    from django.db import transaction
+    from django.db.models import Case, Value, When
+
+    from search.models import Caption, ImageAsset
+
+    from .models import Embedding
+    from .services import active_model, encoder_for
+
+    if index not in ("sync", "schedule", "none"):
+        raise ValueError(f"index must be 'sync', 'schedule' or 'none', got {index!r}")
+    started = time.perf_counter()
+    model = model or active_model()
+    encoder = encoder_for(model)
+    device = str(encoder.device)
+    cuda = device.startswith("cuda")
+    # On CUDA with the torch backend, pixels travel as uint8 and are normalised on
+    # the GPU; otherwise the encoder's own entry point runs the model.
+    gpu_path = cuda and getattr(encoder, "backend", "torch") == "torch"
+    batch_size = int(batch_size or default_batch_size(device))
+    workers = default_workers(device) if workers is None else max(0, int(workers))
+    result = BulkResult(workers=workers, batch_size=batch_size, device=device)
+
+    wanted = sorted({int(i) for i in asset_ids})
+    done = set(
+        Embedding.objects.filter(model=model, asset_id__in=wanted).values_list("asset_id", flat=True)
+    )
+    assets = ImageAsset.objects.filter(pk__in=[i for i in wanted if i not in done]).order_by("pk")
+    items = [(asset.pk, _source_of(asset)) for asset in assets.only("pk", "file")]
+    result.skipped = len(wanted) - len(items)
+
+    pending: list = []
+    embedded: list[int] = []
+
+    def store(final: bool = False) -> None:
+        if not pending or (len(pending) < store_chunk and not final):
+            return
+        t0 = time.perf_counter()
+        rows = list(pending)
+        pending.clear()
+        ids = [r.asset_id for r in rows]
+        with transaction.atomic():
+            live = set(ImageAsset.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
+            rows = [r for r in rows if r.asset_id in live]
+            Embedding.objects.bulk_create(rows, batch_size=store_chunk, ignore_conflicts=True)
+            ImageAsset.objects.filter(pk__in=[r.asset_id for r in rows]).update(
+                status=ImageAsset.Status.EMBEDDED, error=""
+            )
+        embedded.extend(r.asset_id for r in rows)
+        result.seconds["store"] += time.perf_counter() - t0
+
+    if items:
+        encoder.load()
+        from django.conf import settings
+
+        dataset = _ImageFiles(
+            items, encoder.preprocessor, uint8=gpu_path,
+            max_bytes=getattr(settings, "UPLOAD_MAX_BYTES", None),
+            max_pixels=getattr(settings, "UPLOAD_MAX_PIXELS", None),
+        )
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=workers,
+            collate_fn=_collate,
+            pin_memory=gpu_path,
+            prefetch_factor=4 if workers else None,
+            persistent_workers=False,
+            worker_init_fn=None if cuda else _lower_priority,
+        )
+        for batch in loader:
+            result.seconds["read"] += batch["read"]
+            result.seconds["decode"] += batch["decode"]
+            result.failed.update(batch["failed"])
+            if batch["pixels"] is None:
+                continue
+            t0 = time.perf_counter()
+            pixels = batch["pixels"]
+            if gpu_path:
+                pixels = pixels.to(device, non_blocking=True)
+                pixels = _normalise_on_device(pixels, encoder.preprocessor, next(encoder.model.parameters()).dtype)
+                vectors = _image_features(encoder, pixels)
+            else:
+                vectors = encoder.encode_pixels(pixels.numpy(), batch_size=len(pixels))
+            result.seconds["model"] += time.perf_counter() - t0
+            pending.extend(
+                Embedding(model=model, asset_id=asset_id, vector=Embedding.pack(vector))
+                for asset_id, vector in zip(batch["ids"], vectors)
+            )
+            result.images += len(batch["ids"])
+            store()
+            if progress is not None:
+                progress(len(batch["ids"]) + len(batch["failed"]))
+        store(final=True)
+        if not workers:  # decoding ran in this process: it is not parallel time
+            result.workers = 1
+
+    if result.failed:
+        reasons = {i: r[:2000] for i, r in result.failed.items()}
+        ImageAsset.objects.filter(pk__in=list(reasons)).update(
+            status=ImageAsset.Status.FAILED,
+            error=Case(*[When(pk=i, then=Value(r)) for i, r in reasons.items()], default=Value("")),
+        )
+    # Assets that had their image vector already are "embedded" too.
+    ImageAsset.objects.filter(pk__in=list(done)).exclude(status=ImageAsset.Status.EMBEDDED).update(
+        status=ImageAsset.Status.EMBEDDED, error=""
+    )
+
+    # Captions of these assets without a vector for the model.
+    t0 = time.perf_counter()
+    captions = list(
+        Caption.objects.filter(asset_id__in=wanted).exclude(embeddings__model=model).order_by("id")
+        .values_list("id", "text")
+    )
+    if captions:
+        vectors = encoder.encode_texts([text for _, text in captions], batch_size=256 if cuda else 64)
+        result.seconds["text"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rows = [Embedding(model=model, caption_id=cid, vector=Embedding.pack(v)) for (cid, _), v in zip(captions, vectors)]
+        with transaction.atomic():
+            live = set(Caption.objects.filter(pk__in=[c for c, _ in captions]).values_list("pk", flat=True))
+            rows = [r for r in rows if r.caption_id in live]
+            Embedding.objects.bulk_create(rows, batch_size=store_chunk, ignore_conflicts=True)
+        result.captions = len(rows)
+        result.seconds["store"] += time.perf_counter() - t0
+
+    if embedded or result.captions:
+        t0 = time.perf_counter()
+        if index == "sync":
+            from search.indexing import sync_indices
+
+            sync_indices(model)
+        elif index == "schedule":
+            from search.indexing import schedule_index_sync
+
+            schedule_index_sync(model.pk)
+        result.seconds["index"] = time.perf_counter() - t0
+    result.wall_seconds = time.perf_counter() - started
+    failures = defaultdict(int)
+    for reason in result.failed.values():
+        failures[reason.split(":", 1)[0]] += 1
+    if result.failed:
+        log.warning("bulk embedding: %d images failed (%s)", len(result.failed), dict(failures))
+    return result

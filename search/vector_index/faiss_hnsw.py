@@ -1,0 +1,267 @@
+"""Approximate search backend: a FAISS HNSW graph over inner products.
+
+Good up to a few million vectors on one machine: searches take one to two
+milliseconds at recall@10 >= 0.95, rows can be added at any time, and the whole
+graph (plus the float32 vectors) lives in memory, about ``4 * dim + 8 * m``
+bytes per row (3.3 KB for 768-d vectors and ``m = 32``).
+
+Removal uses tombstones. An HNSW graph cannot drop a node in place (other
+nodes link through it), so ``remove`` only marks the row deleted in an
+id -> deleted mask; searches skip marked rows with a FAISS ``IDSelectorBitmap``
+and over-fetch (``efSearch`` is scaled by ``1 / live fraction``) so that ``k``
+live rows still come back. Replacing a row's vector (``add`` with an id that
+is already stored) tombstones the old row and appends a new one. When the
+tombstones exceed ``rebuild_fraction`` of the rows, the graph is rebuilt from
+the live vectors (``compact``), which takes as long as building it afresh.
+
+Parameters (all optional):
+
+``m`` (32)
+    graph degree; memory and build time grow with it, and so does recall.
+``ef_construction`` (40)
+    candidate list size while inserting; higher builds a better graph slower.
+``ef_search`` (256)
+    candidate list size while searching (at least ``k`` is used); the main
+    recall / latency knob, changeable with ``set_search_params``. On 1M
+    clustered 768-d vectors: 64 -> recall@10 0.91, 128 -> 0.95, 256 -> 0.97
+    (p50 1.5 ms on 2 cores).
+``rebuild_fraction`` (0.25)
+    rebuild the graph once this fraction of the rows are tombstones.
+
+Scores are exact inner products of the query with the stored float32 vector;
+only the candidate set is approximate. Callers pass unit vectors, making the
+score the cosine similarity.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import faiss
+import numpy as np
+
+from .base import (
+    VectorIndex,
+    VectorIndexError,
+    _is_int,
+    as_ids,
+    as_k,
+    as_vectors,
+    empty_results,
+)
+
+__all__ = ["FaissHNSWIndex", "faiss_part"]
+
+DEFAULTS = {"m": 32, "ef_construction": 40, "ef_search": 256, "rebuild_fraction": 0.25}
+_PARTS = struct.Struct("<QQQ")  # faiss bytes, label count, bitmap bytes
+
+
+def faiss_part(index) -> tuple[int, callable]:
+    """``(size, write)`` for a FAISS index as part of a payload: ``write(fh)``
+    streams ``faiss.write_index`` into the file, so saving a large index needs
+    no second copy of it in memory (the size comes from a counting pass)."""
+    size = 0
+
+    def count(block) -> None:
+        nonlocal size
+        size += len(block)
+
+    counter = faiss.PyCallbackIOWriter(count)
+    faiss.write_index(index, counter)
+    del counter
+
+    def write(fh) -> None:
+        writer = faiss.PyCallbackIOWriter(fh.write)
+        faiss.write_index(index, writer)
+        del writer
+
+    return size, write
+
+
+def _last_occurrences(ids: np.ndarray) -> np.ndarray:
+    """Positions of the last occurrence of each id, in input order."""
+    reversed_first = np.unique(ids[::-1], return_index=True)[1]
+    return np.sort(len(ids) - 1 - reversed_first)
+
+
+def _positive_int(params: dict, name: str, *, upper: int = 1 << 20) -> None:
+    value = params[name]
+    if not _is_int(value) or not 1 <= value <= upper:
+        raise VectorIndexError(f"{name} must be an integer in [1, {upper}], got {value!r}")
+
+
+class FaissHNSWIndex(VectorIndex):
+    """``IndexHNSWFlat`` (inner product) keyed by its own sequential labels,
+    mapped to external int64 ids, with tombstones for removed rows."""
+
+    backend = "faiss-hnsw"
+    exact = False
+    search_param_names = frozenset({"ef_search"})
+
+    def __init__(self, dim: int, **params):
+        super().__init__(dim, **params)
+        self.params = {**DEFAULTS, **self.params}
+        self._check_params(self.params)
+        self._index = self._new_graph()
+        self._labels = np.empty(0, dtype=np.int64)  # faiss label -> external id
+        self._deleted = np.empty(0, dtype=bool)  # faiss label -> tombstone
+        self._n_deleted = 0
+        self._selector = None  # (IDSelectorBitmap, its bitmap), rebuilt after mutations
+
+    def _check_params(self, params: dict) -> None:
+        unknown = sorted(set(params) - set(DEFAULTS))
+        if unknown:
+            raise VectorIndexError(
+                f"unknown {self.backend!r} parameters {unknown}; known: {sorted(DEFAULTS)}"
+            )
+        _positive_int(params, "m", upper=512)
+        _positive_int(params, "ef_construction", upper=1 << 16)
+        _positive_int(params, "ef_search", upper=1 << 16)
+        fraction = params["rebuild_fraction"]
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise VectorIndexError(f"rebuild_fraction must be in (0, 1], got {fraction!r}")
+
+    def _new_graph(self):
+        index = faiss.IndexHNSWFlat(self.dim, int(self.params["m"]), faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = int(self.params["ef_construction"])
+        return index
+
+    # -- data ------------------------------------------------------------------
+
+    def _live_labels_of(self, ids: np.ndarray) -> np.ndarray:
+        if not len(self._labels) or not len(ids):
+            return np.empty(0, dtype=np.int64)
+        return np.flatnonzero(np.isin(self._labels, ids) & ~self._deleted)
+
+    def _tombstone(self, labels: np.ndarray) -> None:
+        if len(labels):
+            self._deleted[labels] = True
+            self._n_deleted += len(labels)
+            self._selector = None
+
+    def add(self, ids, vectors) -> None:
+        ids = as_ids(ids)
+        vectors = as_vectors(vectors, self.dim)
+        if len(ids) != len(vectors):
+            raise VectorIndexError(f"got {len(ids)} ids for {len(vectors)} vectors")
+        if len(ids) == 0:
+            return
+        if len(np.unique(ids)) != len(ids):
+            keep = _last_occurrences(ids)
+            ids = np.ascontiguousarray(ids[keep])
+            vectors = np.ascontiguousarray(vectors[keep])
+        self._tombstone(self._live_labels_of(ids))
+        self._index.add(vectors)
+        self._labels = np.concatenate([self._labels, ids])
+        self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
+        self._selector = None
+        self._maybe_compact()
+
+    def remove(self, ids) -> int:
+        ids = as_ids(ids)
+        labels = self._live_labels_of(ids)
+        self._tombstone(labels)
+        self._maybe_compact()
+        return int(len(labels))
+
+    def _maybe_compact(self) -> None:
+        total = len(self._labels)
+        if self._n_deleted and self._n_deleted >= self.params["rebuild_fraction"] * total:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rebuild the graph from the live rows, dropping every tombstone."""
+        live = np.flatnonzero(~self._deleted)
+        graph = self._new_graph()
+        if len(live):
+            vectors = self._index.storage.reconstruct_batch(live)
+            graph.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        self._index = graph
+        self._labels = np.ascontiguousarray(self._labels[live])
+        self._deleted = np.zeros(len(live), dtype=bool)
+        self._n_deleted = 0
+        self._selector = None
+
+    @property
+    def tombstones(self) -> int:
+        """Rows removed or replaced but still in the graph."""
+        return int(self._n_deleted)
+
+    # -- search ------------------------------------------------------------------
+
+    def _search_params(self, k: int):
+        params = faiss.SearchParametersHNSW()
+        ef = max(int(self.params["ef_search"]), k)
+        if self._n_deleted:
+            if self._selector is None:
+                bitmap = np.packbits(~self._deleted, bitorder="little")
+                self._selector = (faiss.IDSelectorBitmap(len(self._deleted), faiss.swig_ptr(bitmap)), bitmap)
+            params.sel = self._selector[0]
+            # Over-fetch: the graph is walked through deleted nodes too.
+            live_fraction = 1.0 - self._n_deleted / len(self._labels)
+            ef = int(np.ceil(ef / max(live_fraction, 0.05)))
+        params.efSearch = ef
+        return params, self._selector
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_vectors(queries, self.dim, allow_single=True)
+        k = as_k(k)
+        out_ids, out_scores = empty_results(len(queries), k)
+        k_found = min(k, self.count())
+        if k_found and len(queries):
+            # The selector (and its bitmap) stay referenced for the whole call.
+            params, _refs = self._search_params(k_found)
+            scores, labels = self._index.search(queries, k_found, params=params)
+            found = labels >= 0
+            out_ids[:, :k_found] = np.where(found, self._labels[np.where(found, labels, 0)], -1)
+            out_scores[:, :k_found] = np.where(found, scores, -np.inf)
+        return out_ids, out_scores
+
+    def count(self) -> int:
+        return int(len(self._labels) - self._n_deleted)
+
+    def ids(self) -> np.ndarray:
+        return np.sort(self._labels[~self._deleted])
+
+    # -- persistence -------------------------------------------------------------
+
+    def _serialize_payload(self):
+        graph_size, write_graph = faiss_part(self._index)
+        bitmap = np.packbits(self._deleted, bitorder="little")
+        return [
+            _PARTS.pack(graph_size, len(self._labels), bitmap.nbytes),
+            write_graph,
+            self._labels.astype("<i8", copy=False),
+            bitmap,
+        ]
+
+    @classmethod
+    def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
+        try:
+            graph_len, n_labels, bitmap_len = _PARTS.unpack_from(payload, 0)
+            offset = _PARTS.size
+            if offset + graph_len + 8 * n_labels + bitmap_len != len(payload):
+                raise ValueError("payload length does not match its parts")
+            graph = faiss.deserialize_index(
+                np.frombuffer(payload, dtype=np.uint8, count=graph_len, offset=offset)
+            )
+            offset += graph_len
+            labels = np.frombuffer(payload, dtype="<i8", count=n_labels, offset=offset).astype(np.int64)
+            offset += 8 * n_labels
+            bits = np.frombuffer(payload, dtype=np.uint8, count=bitmap_len, offset=offset)
+            deleted = np.unpackbits(bits, count=n_labels, bitorder="little").astype(bool)
+        except VectorIndexError:
+            raise
+        except Exception as exc:
+            raise VectorIndexError(f"corrupt {cls.backend!r} payload: {exc}") from exc
+        if not isinstance(graph, faiss.IndexHNSWFlat) or graph.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise VectorIndexError(f"payload is not a {cls.backend!r} index")
+        if graph.d != dim or graph.ntotal != n_labels:
+            raise VectorIndexError("payload does not match the file header")
+        obj = cls(dim, **params)
+        obj._index = graph
+        obj._index.hnsw.efConstruction = int(obj.params["ef_construction"])
+        obj._labels = labels
+        obj._deleted = deleted
+        obj._n_deleted = int(deleted.sum())
+        return obj

@@ -1,0 +1,545 @@
+"""Vectors in PostgreSQL: a pgvector table with an HNSW index.
+
+The rows live in the project's own database, in a table of their own::
+
+    CREATE TABLE <table> (id bigint PRIMARY KEY, embedding vector(<dim>) NOT NULL);
+    CREATE INDEX <table>_hnsw ON <table> USING hnsw (embedding vector_ip_ops)
+        WITH (m = 16, ef_construction = 64);
+
+so they can be written in the same transaction as the rows they belong to,
+backed up with the database, and read by every web process without copying
+files around. A search is one SQL statement per query::
+
+    SET hnsw.ef_search = 40;
+    SELECT id, embedding <#> $1 FROM <table> ORDER BY embedding <#> $1 LIMIT k;
+
+(``<#>`` is the negative inner product; scores are returned as the inner
+product, or ``1 - cosine distance`` with ``distance="cosine"``).
+
+**Files.** A pgvector index is not one file per version: ``save`` writes a
+small manifest in the common file format (header + JSON naming the table),
+and ``load`` reopens the table it names. Every version of an index therefore
+shows the live rows of the table (``snapshot_files = False``): a removal is
+visible to every loaded version at once, and an older manifest is no way back
+to older rows.
+
+**Connections.** Every operation borrows a psycopg 3 connection, found in
+this order:
+
+1. the callable given to ``set_connection_provider`` (returns a connection;
+   it is never closed here);
+2. ``$VECTOR_INDEX_PG_DSN``: one autocommit connection per thread;
+3. inside a configured Django project, ``django.db.connections[alias]``
+   (``alias`` parameter, default ``"default"``). Operations then join the
+   caller's transaction: inside ``transaction.atomic()`` an ``add`` commits or
+   rolls back with the rest of the block. Each operation runs in a savepoint
+   (or its own transaction in autocommit mode).
+
+The ``vector`` extension is created when missing (``CREATE EXTENSION IF NOT
+EXISTS vector`` needs a role allowed to create it; the pgvector/pgvector
+image and the embedded PostgreSQL both ship it).
+
+**Bulk loads.** Adding at least ``bulk_build_min`` rows to an empty table
+drops the HNSW index, copies the rows in (binary ``COPY``) and builds the
+index once at the end, with ``maintenance_work_mem`` and
+``max_parallel_maintenance_workers`` raised for that transaction: much
+faster than growing the graph row by row. Smaller batches are upserted
+(``COPY`` into a temporary table, then ``INSERT ... ON CONFLICT``).
+
+Parameters: ``table`` (default: a new random name; pass one, or use
+``params_for_scope``), ``schema`` (default: the search path), ``m`` (16),
+``ef_construction`` (64), ``ef_search`` (40, search parameter),
+``distance`` ("ip" or "cosine"), ``bulk_build_min`` (10000),
+``maintenance_work_mem`` ("1GB"), ``build_workers`` (2), ``alias``
+("default").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import struct
+import sys
+import threading
+import weakref
+from typing import Callable
+
+import numpy as np
+
+from .base import (
+    VectorIndex,
+    VectorIndexError,
+    _is_int,
+    as_ids,
+    as_k,
+    as_vectors,
+    empty_results,
+)
+
+__all__ = ["PgVectorIndex", "DSN_ENV_VAR", "set_connection_provider"]
+
+DSN_ENV_VAR = "VECTOR_INDEX_PG_DSN"
+DEFAULTS = {
+    "table": None,
+    "schema": None,
+    "m": 16,
+    "ef_construction": 64,
+    "ef_search": 40,
+    "distance": "ip",
+    "bulk_build_min": 10_000,
+    "maintenance_work_mem": "1GB",
+    "build_workers": 2,
+    "alias": "default",
+}
+DISTANCES = {
+    # operator class, operator, score from the operator's result
+    "ip": ("vector_ip_ops", "<#>", lambda d: -d),
+    "cosine": ("vector_cosine_ops", "<=>", lambda d: 1.0 - d),
+}
+MAX_EF_SEARCH = 1000  # pgvector's limit; larger k falls back to an exact scan
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")
+_MEMORY = re.compile(r"^\d+\s*(kB|MB|GB|TB)$")
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
+_COPY_TRAILER = struct.pack(">h", -1)
+_COPY_CHUNK = 20_000
+
+_provider: Callable | None = None
+_own = threading.local()
+
+
+def set_connection_provider(provider: Callable | None) -> None:
+    """Use ``provider()`` (a psycopg 3 connection, borrowed) for every
+    pgvector index in this process; ``None`` restores the default lookup."""
+    global _provider
+    _provider = provider
+
+
+def _django_connection(alias: str):
+    if "django" not in sys.modules:
+        return None
+    from django.conf import settings
+
+    if not settings.configured:
+        return None
+    from django.db import connections
+
+    wrapper = connections[alias]
+    wrapper.ensure_connection()
+    return wrapper.connection
+
+
+def _get_connection(alias: str):
+    if _provider is not None:
+        return _provider()
+    dsn = os.environ.get(DSN_ENV_VAR)
+    if dsn:
+        conn = getattr(_own, "conn", None)
+        if conn is None or conn.closed or getattr(_own, "dsn", None) != dsn:
+            import psycopg
+
+            conn = psycopg.connect(dsn, autocommit=True)
+            _own.conn, _own.dsn = conn, dsn
+        return conn
+    conn = _django_connection(alias)
+    if conn is None:
+        raise VectorIndexError(
+            "the pgvector backend has no database connection: set "
+            f"${DSN_ENV_VAR}, call set_connection_provider(), or use it inside Django"
+        )
+    return conn
+
+
+_registered: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # connection -> vector type oid
+_session_ef: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # ef_search set per session
+
+
+def _register_types(conn) -> None:
+    """Teach the connection the ``vector`` type (again if the extension was
+    re-created meanwhile, e.g. in a rolled-back test transaction)."""
+    oid = conn.execute("SELECT to_regtype('vector')::oid").fetchone()[0]
+    if oid is None or _registered.get(conn) == oid:
+        return
+    from pgvector.psycopg import register_vector
+
+    register_vector(conn)
+    _registered[conn] = oid
+
+
+@contextlib.contextmanager
+def _atomic(conn):
+    """A transaction of our own in autocommit mode, else a savepoint inside
+    the caller's transaction (never a commit of the caller's work)."""
+    from psycopg.pq import TransactionStatus
+
+    if not conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+        conn.execute("SELECT 1")  # opens the caller's transaction; ours nests in it
+    with conn.transaction():
+        yield
+
+
+def _in_transaction(conn) -> bool:
+    from psycopg.pq import TransactionStatus
+
+    return conn.info.transaction_status != TransactionStatus.IDLE
+
+
+def _copy_payload(ids: np.ndarray, vectors: np.ndarray):
+    """Rows as PostgreSQL binary COPY data (id int8, embedding vector), in chunks."""
+    dim = vectors.shape[1]
+    row = np.dtype(
+        [("fields", ">i2"), ("id_len", ">i4"), ("id", ">i8"), ("vec_len", ">i4"),
+         ("dim", ">u2"), ("unused", ">u2"), ("vec", ">f4", (dim,))]
+    )
+    for start in range(0, len(ids), _COPY_CHUNK):
+        stop = min(start + _COPY_CHUNK, len(ids))
+        rows = np.empty(stop - start, dtype=row)
+        rows["fields"] = 2
+        rows["id_len"] = 8
+        rows["id"] = ids[start:stop]
+        rows["vec_len"] = 4 + 4 * dim
+        rows["dim"] = dim
+        rows["unused"] = 0
+        rows["vec"] = vectors[start:stop]
+        yield rows.tobytes()
+
+
+def _last_occurrences(ids: np.ndarray) -> np.ndarray:
+    reversed_first = np.unique(ids[::-1], return_index=True)[1]
+    return np.sort(len(ids) - 1 - reversed_first)
+
+
+def _scope_table(scope: str) -> str:
+    name = re.sub(r"[^a-z0-9_]+", "_", str(scope).lower()).strip("_")
+    return f"vecidx_{name}"[:55] if name else f"vecidx_{secrets.token_hex(8)}"
+
+
+class PgVectorIndex(VectorIndex):
+    """Rows in a PostgreSQL table, searched through a pgvector HNSW index."""
+
+    backend = "pgvector"
+    exact = False
+    snapshot_files = False
+    search_param_names = frozenset({"ef_search"})
+
+    def __init__(self, dim: int, **params):
+        super().__init__(dim, **params)
+        merged = {**DEFAULTS, **self.params}
+        if merged["table"] is None:
+            merged["table"] = f"vecidx_{secrets.token_hex(8)}"
+        self._check_params(merged)
+        self.params = merged
+        if self.dim > 2000:
+            raise VectorIndexError("pgvector's HNSW index takes at most 2000 dimensions")
+        self._ready = weakref.WeakSet()  # connections on which the table is known to exist
+
+    def _check_params(self, params: dict) -> None:
+        unknown = sorted(set(params) - set(DEFAULTS))
+        if unknown:
+            raise VectorIndexError(
+                f"unknown {self.backend!r} parameters {unknown}; known: {sorted(DEFAULTS)}"
+            )
+        for name in ("table", "schema"):
+            value = params[name]
+            if value is not None and not (isinstance(value, str) and _IDENT.match(value)):
+                raise VectorIndexError(f"{name} must be a plain SQL identifier, got {value!r}")
+        for name, low, high in (
+            ("m", 2, 100),
+            ("ef_construction", 4, 1000),
+            ("ef_search", 1, MAX_EF_SEARCH),
+            ("bulk_build_min", 1, 1 << 40),
+            ("build_workers", 0, 64),
+        ):
+            value = params[name]
+            if not _is_int(value) or not low <= value <= high:
+                raise VectorIndexError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        if params["distance"] not in DISTANCES:
+            raise VectorIndexError(f"distance must be one of {sorted(DISTANCES)}, got {params['distance']!r}")
+        if not (isinstance(params["maintenance_work_mem"], str) and _MEMORY.match(params["maintenance_work_mem"])):
+            raise VectorIndexError(
+                f"maintenance_work_mem must look like '512MB' or '2GB', got {params['maintenance_work_mem']!r}"
+            )
+        if not isinstance(params["alias"], str) or not params["alias"]:
+            raise VectorIndexError(f"alias must be a database alias, got {params['alias']!r}")
+
+    @classmethod
+    def params_for_scope(cls, params: dict | None, scope: str) -> dict:
+        params = dict(params or {})
+        if not params.get("table"):
+            params["table"] = _scope_table(scope)
+        return params
+
+    # -- SQL helpers ---------------------------------------------------------------
+
+    def _sql_names(self):
+        from psycopg import sql
+
+        table = self.params["table"]
+        schema = self.params["schema"]
+        qualified = sql.Identifier(schema, table) if schema else sql.Identifier(table)
+        regclass = f'"{schema}"."{table}"' if schema else f'"{table}"'
+        return qualified, sql.Identifier(f"{table}_hnsw"), regclass
+
+    def _connection(self):
+        conn = _get_connection(self.params["alias"])
+        if conn.closed:
+            raise VectorIndexError("the pgvector backend was given a closed connection")
+        return conn
+
+    def _exists(self, conn) -> bool:
+        if conn in self._ready:
+            return True
+        _, _, regclass = self._sql_names()
+        found = conn.execute("SELECT to_regclass(%s) IS NOT NULL", [regclass]).fetchone()[0]
+        if found:
+            self._check_dimension(conn)
+            _register_types(conn)
+            self._ready.add(conn)
+        return bool(found)
+
+    def _check_dimension(self, conn) -> None:
+        _, _, regclass = self._sql_names()
+        row = conn.execute(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+            "WHERE attrelid = to_regclass(%s) AND attname = 'embedding'",
+            [regclass],
+        ).fetchone()
+        if row is None or row[0] != f"vector({self.dim})":
+            found = row[0] if row else "no embedding column"
+            raise VectorIndexError(
+                f"table {self.params['table']!r} holds {found}, not vector({self.dim})"
+            )
+
+    def _create_index_sql(self):
+        from psycopg import sql
+
+        table, index, _ = self._sql_names()
+        opclass = DISTANCES[self.params["distance"]][0]
+        return sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {} ON {} USING hnsw (embedding {}) "
+            "WITH (m = {}, ef_construction = {})"
+        ).format(
+            index, table, sql.SQL(opclass),
+            sql.Literal(int(self.params["m"])), sql.Literal(int(self.params["ef_construction"])),
+        )
+
+    def _ensure(self, conn) -> None:
+        """Create the extension, table and index when missing (in a transaction)."""
+        if self._exists(conn):
+            return
+        from psycopg import sql
+
+        if conn.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        table, _, _ = self._sql_names()
+        conn.execute(
+            sql.SQL("CREATE TABLE IF NOT EXISTS {} (id bigint PRIMARY KEY, embedding vector({}) NOT NULL)").format(
+                table, sql.Literal(self.dim)
+            )
+        )
+        conn.execute(self._create_index_sql())
+        self._check_dimension(conn)
+        _register_types(conn)
+        self._ready.add(conn)
+
+    def _copy_into(self, conn, target, ids, vectors) -> None:
+        from psycopg import sql
+
+        with conn.cursor() as cur:
+            with cur.copy(sql.SQL("COPY {} (id, embedding) FROM STDIN (FORMAT BINARY)").format(target)) as copy:
+                copy.write(_COPY_HEADER)
+                for chunk in _copy_payload(ids, vectors):
+                    copy.write(chunk)
+                copy.write(_COPY_TRAILER)
+
+    def _set_local(self, conn, name: str, value) -> None:
+        conn.execute("SELECT set_config(%s, %s, true)", [name, str(value)])
+
+    # -- data ------------------------------------------------------------------------
+
+    def add(self, ids, vectors) -> None:
+        ids = as_ids(ids)
+        vectors = as_vectors(vectors, self.dim)
+        if len(ids) != len(vectors):
+            raise VectorIndexError(f"got {len(ids)} ids for {len(vectors)} vectors")
+        if len(ids) == 0:
+            return
+        if len(np.unique(ids)) != len(ids):
+            keep = _last_occurrences(ids)
+            ids = np.ascontiguousarray(ids[keep])
+            vectors = np.ascontiguousarray(vectors[keep])
+        conn = self._connection()
+        try:
+            self._add(conn, ids, vectors)
+        except BaseException:
+            self._ready.discard(conn)  # a rolled-back savepoint may have taken the table along
+            raise
+
+    def _add(self, conn, ids: np.ndarray, vectors: np.ndarray) -> None:
+        from psycopg import sql
+
+        table, index, _ = self._sql_names()
+        with _atomic(conn):
+            self._ensure(conn)
+            empty = conn.execute(sql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {})").format(table)).fetchone()[0]
+            if empty and len(ids) >= self.params["bulk_build_min"]:
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(
+                    sql.Identifier(self.params["schema"], f"{self.params['table']}_hnsw")
+                    if self.params["schema"] else index
+                ))
+                self._copy_into(conn, table, ids, vectors)
+                self._set_local(conn, "maintenance_work_mem", self.params["maintenance_work_mem"])
+                self._set_local(conn, "max_parallel_maintenance_workers", self.params["build_workers"])
+                conn.execute(self._create_index_sql())
+                return
+            stage = sql.Identifier(f"vecidx_stage_{self.dim}")
+            conn.execute(
+                sql.SQL(
+                    "CREATE TEMPORARY TABLE IF NOT EXISTS {} (id bigint, embedding vector({})) "
+                    "ON COMMIT DELETE ROWS"
+                ).format(stage, sql.Literal(self.dim))
+            )
+            conn.execute(sql.SQL("TRUNCATE {}").format(stage))
+            self._copy_into(conn, stage, ids, vectors)
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (id, embedding) SELECT id, embedding FROM {} "
+                    "ON CONFLICT (id) DO UPDATE SET embedding = EXCLUDED.embedding"
+                ).format(table, stage)
+            )
+            conn.execute(sql.SQL("TRUNCATE {}").format(stage))
+
+    def remove(self, ids) -> int:
+        ids = np.unique(as_ids(ids))
+        if not len(ids):
+            return 0
+        from psycopg import sql
+
+        conn = self._connection()
+        table, _, _ = self._sql_names()
+        with _atomic(conn):
+            if not self._exists(conn):
+                return 0
+            cur = conn.execute(sql.SQL("DELETE FROM {} WHERE id = ANY(%s)").format(table), [ids.tolist()])
+            return int(cur.rowcount)
+
+    def drop(self) -> None:
+        """Drop the table (and its index); the index is empty afterwards."""
+        from psycopg import sql
+
+        conn = self._connection()
+        table, _, _ = self._sql_names()
+        with _atomic(conn):
+            conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(table))
+        self._ready = weakref.WeakSet()
+
+    # -- search ----------------------------------------------------------------------
+
+    def _set_search_settings(self, conn, ef: int) -> None:
+        """``hnsw.ef_search`` and an iterative scan: rows that are deleted but not
+        yet vacuumed still occupy the candidate list, and the scan goes on
+        until ``k`` live rows are found (pgvector >= 0.8)."""
+        statement = (
+            "SELECT set_config('hnsw.ef_search', %s, {local}), "
+            "set_config('hnsw.iterative_scan', 'strict_order', {local})"
+        )
+        if _in_transaction(conn):  # local to the transaction: undone with it
+            conn.execute(statement.format(local="true"), [str(ef)])
+        elif _session_ef.get(conn) != ef:
+            conn.execute(statement.format(local="false"), [str(ef)])
+            _session_ef[conn] = ef
+
+    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_vectors(queries, self.dim, allow_single=True)
+        k = as_k(k)
+        out_ids, out_scores = empty_results(len(queries), k)
+        if not len(queries):
+            return out_ids, out_scores
+        from psycopg import sql
+
+        conn = self._connection()
+        if not self._exists(conn):
+            return out_ids, out_scores
+        table, _, _ = self._sql_names()
+        _, operator, to_score = DISTANCES[self.params["distance"]]
+        if k <= MAX_EF_SEARCH:
+            self._set_search_settings(conn, max(int(self.params["ef_search"]), k))
+            order = sql.SQL("embedding {} %(q)s").format(sql.SQL(operator))
+        else:  # beyond what one HNSW scan returns: an exact scan (the "+ 0" hides the index)
+            order = sql.SQL("(embedding {} %(q)s) + 0").format(sql.SQL(operator))
+        query = sql.SQL("SELECT id, embedding {} %(q)s FROM {} ORDER BY {} LIMIT %(k)s").format(
+            sql.SQL(operator), table, order
+        )
+        import psycopg
+        from pgvector import Vector  # adapted by its class (numpy arrays are by name, once)
+
+        # A server-side binding cursor whatever the connection's default (Django
+        # binds on the client side): the query vector travels in binary.
+        with psycopg.Cursor(conn) as cur:
+            for row, vector in enumerate(queries):
+                cur.execute(query, {"q": Vector(vector), "k": k})
+                found = cur.fetchall()
+                if found:
+                    ids, dist = zip(*found)
+                    out_ids[row, : len(ids)] = ids
+                    out_scores[row, : len(ids)] = to_score(np.asarray(dist, dtype=np.float64))
+        return out_ids, out_scores
+
+    def count(self) -> int:
+        from psycopg import sql
+
+        conn = self._connection()
+        if not self._exists(conn):
+            return 0
+        table, _, _ = self._sql_names()
+        return int(conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0])
+
+    def ids(self) -> np.ndarray:
+        from psycopg import sql
+
+        conn = self._connection()
+        if not self._exists(conn):
+            return np.empty(0, dtype=np.int64)
+        table, _, _ = self._sql_names()
+        data = bytearray()
+        with conn.cursor() as cur:
+            with cur.copy(
+                sql.SQL("COPY (SELECT id FROM {} ORDER BY id) TO STDOUT (FORMAT BINARY)").format(table)
+            ) as copy:
+                for block in copy:
+                    data += block
+        body = memoryview(data)[len(_COPY_HEADER) : len(data) - len(_COPY_TRAILER)]
+        rows = np.frombuffer(body, dtype=[("fields", ">i2"), ("len", ">i4"), ("id", ">i8")])
+        return rows["id"].astype(np.int64)
+
+    # -- persistence -------------------------------------------------------------------
+
+    def _manifest(self) -> dict:
+        return {"schema": self.params["schema"], "table": self.params["table"], "dim": self.dim}
+
+    def _serialize_payload(self):
+        return json.dumps(self._manifest(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
+        try:
+            manifest = json.loads(bytes(payload).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise VectorIndexError(f"corrupt {cls.backend!r} manifest: {exc}") from exc
+        obj = cls(dim, **params)
+        if manifest != obj._manifest():
+            raise VectorIndexError(f"{cls.backend!r} manifest does not match the file header")
+        return obj
+
+    @classmethod
+    def _from_file_parts(cls, header: dict, payload: memoryview) -> "VectorIndex":
+        # The table is live: its row count may differ from the one at saving time.
+        index = cls._deserialize_payload(
+            payload, dim=header["dim"], params=dict(header["params"]), count=header["count"]
+        )
+        conn = index._connection()
+        if not index._exists(conn):
+            raise VectorIndexError(f"the table {index.params['table']!r} named by this index file does not exist")
+        return index
