@@ -9,6 +9,7 @@ class EmbeddingModel(models.Model):
     class Kind(models.TextChoices):
         PRETRAINED = "pretrained", "pretrained"
         FINE_TUNED = "fine-tuned", "fine-tuned"
+        TRAINED = "trained", "trained here from scratch"
         DEMO = "demo", "offline demo (trained on generated shapes)"
         RANDOM = "random", "random weights (results are meaningless)"
 

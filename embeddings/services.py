@@ -98,6 +98,19 @@ def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:
     return len(rows)
 
 
+def assets_missing_vectors(model: EmbeddingModel):
+    """Assets whose image or any caption has no vector for the model (a queryset)."""
+    from django.db.models import Exists, OuterRef
+
+    from search.models import Caption, ImageAsset
+
+    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
+    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
+        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
+    )
+    return ImageAsset.objects.filter(~Exists(image_done) | Exists(caption_missing))
+
+
 def mark_failed(asset_id: int, reason: str) -> None:
     from search.models import ImageAsset
 

@@ -78,3 +78,16 @@ def embed_asset(self, asset_id: int) -> int:
         raise
     _forget_deliveries(self)
     return stored
+
+
+@shared_task(bind=True, acks_late=False, time_limit=24 * 3600, soft_time_limit=24 * 3600 - 60)
+def train_model(self, options: dict, name: str | None = None, activate: bool = False) -> dict:
+    """Fine-tune (or train from scratch) and register the checkpoint; progress in the task state."""
+    from . import training_service
+
+    def report(fraction, info):
+        self.update_state(state="PROGRESS", meta={"percent": round(100 * fraction, 1),
+                                                  **{k: v for k, v in info.items() if isinstance(v, (int, float, str))}})
+
+    model, result = training_service.train_and_register(options, name=name, activate=activate, on_progress=report)
+    return {"model": model.name, "checkpoint": str(result.checkpoint_dir), "final_metrics": result.final_metrics}

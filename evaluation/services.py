@@ -45,11 +45,10 @@ import numpy as np
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
-from django.db.models import Exists, OuterRef
 from django.utils import timezone
 
 from embeddings.models import Embedding, EmbeddingModel
-from embeddings.services import active_model, embed_asset, encoder_for
+from embeddings.services import active_model, assets_missing_vectors as missing_vectors_query, embed_asset, encoder_for
 from embeddings.siglip import TEXT_MAX_LENGTH
 from search.indexing import loaded_indices, stored_vectors, sync_indices
 from search.models import Caption, ImageAsset, IndexBuild, normalise_text
@@ -253,17 +252,9 @@ def build_gallery(dataset: datasets.Dataset, asset_ids: list[int]) -> Gallery:
 
 
 def assets_missing_vectors(model: EmbeddingModel, asset_ids) -> list[int]:
-    """Of the given assets, those whose image or any caption has no vector for the model."""
-    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
-    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
-        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
-    )
+    """Of the given assets, those whose image or any caption has no vector for the model, in order."""
     wanted = [int(i) for i in asset_ids]
-    missing = set(
-        ImageAsset.objects.filter(pk__in=wanted)
-        .filter(~Exists(image_done) | Exists(caption_missing))
-        .values_list("pk", flat=True)
-    )
+    missing = set(missing_vectors_query(model).filter(pk__in=wanted).values_list("pk", flat=True))
     return [i for i in wanted if i in missing]
 
 

@@ -74,6 +74,8 @@ def main() -> int:
              "--workers", env.get("WEB_WORKERS", "2"), "--threads", "4", "--timeout", "120"], env=env))
         # Anything uploaded while no worker ran is picked up now.
         manage(env, "embed_missing", check=False)
+        # With the offline demo model: its unseen test pictures become the gallery (once).
+        manage(env, "demo", "--if-active", check=False)
         manage(env, "rebuild_index", "--sync", check=False)
         print(f"\nPortal: http://{host}:{port}/   (Ctrl-C to stop)\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))

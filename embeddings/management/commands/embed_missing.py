@@ -1,19 +1,7 @@
 from django.core.management.base import BaseCommand
-from django.db.models import Exists, OuterRef, Q
 
-from embeddings.models import Embedding
-from embeddings.services import active_model
+from embeddings.services import active_model, assets_missing_vectors
 from embeddings.tasks import embed_asset
-from search.models import Caption, ImageAsset
-
-
-def assets_missing_vectors(model):
-    """Assets whose image or any caption has no vector for the model."""
-    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
-    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
-        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
-    )
-    return ImageAsset.objects.filter(~Q(Exists(image_done)) | Q(Exists(caption_missing)))
 
 
 class Command(BaseCommand):

@@ -18,7 +18,7 @@ from embeddings import services
 from embeddings.models import EmbeddingModel
 from embeddings.siglip import ModelNotAvailable
 
-DEMO_MODEL_DIR = Path(settings.BASE_DIR) / "embeddings" / "demo_model"
+from .demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -61,7 +61,7 @@ class Command(BaseCommand):
             except ModelNotAvailable as exc:
                 self.stderr.write(f"{exc}\nFalling back to an offline model.")
         if (DEMO_MODEL_DIR / "config.json").exists():
-            return self.register(str(DEMO_MODEL_DIR), EmbeddingModel.Kind.DEMO, name="offline-demo")
+            return self.register(str(DEMO_MODEL_DIR), EmbeddingModel.Kind.DEMO, name=DEMO_MODEL_NAME)
         return self.random_model()
 
     def register(self, source, kind, name=None) -> EmbeddingModel:
