@@ -245,6 +245,19 @@ def as_vectors(vectors: Any, dim: int, *, allow_single: bool = False) -> np.ndar
     return arr
 
 
+def upsert_batch(ids: Any, vectors: Any, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validated ids and vectors for an add; an id repeated in the batch keeps its last vector."""
+    ids = as_ids(ids)
+    vectors = as_vectors(vectors, dim)
+    if len(ids) != len(vectors):
+        raise VectorIndexError(f"got {len(ids)} ids for {len(vectors)} vectors")
+    if len(np.unique(ids)) != len(ids):
+        reversed_first = np.unique(ids[::-1], return_index=True)[1]
+        keep = np.sort(len(ids) - 1 - reversed_first)
+        ids, vectors = np.ascontiguousarray(ids[keep]), np.ascontiguousarray(vectors[keep])
+    return ids, vectors
+
+
 def as_k(k: Any) -> int:
     if not _is_int(k) or k < 1:
         raise VectorIndexError(f"k must be an integer >= 1, got {k!r}")

@@ -17,15 +17,10 @@ from .base import (
     as_k,
     as_vectors,
     empty_results,
+    upsert_batch,
 )
 
 __all__ = ["FaissFlatIndex"]
-
-
-def _last_occurrences(ids: np.ndarray) -> np.ndarray:
-    """Positions of the last occurrence of each id, in input order."""
-    reversed_first = np.unique(ids[::-1], return_index=True)[1]
-    return np.sort(len(ids) - 1 - reversed_first)
 
 
 class FaissFlatIndex(VectorIndex):
@@ -45,22 +40,12 @@ class FaissFlatIndex(VectorIndex):
         return faiss.vector_to_array(self._index.id_map).astype(np.int64, copy=False)
 
     def add(self, ids, vectors) -> None:
-        ids = as_ids(ids)
-        vectors = as_vectors(vectors, self.dim)
-        if len(ids) != len(vectors):
-            raise VectorIndexError(
-                f"got {len(ids)} ids for {len(vectors)} vectors"
-            )
+        ids, vectors = upsert_batch(ids, vectors, self.dim)
         if len(ids) == 0:
             return
-        # FAISS keeps duplicate ids as separate rows, so a batch repeating an
-        # id keeps only its last vector, and ids already stored are removed
-        # first (remove_ids compacts the whole flat store, so skip it when
-        # nothing is being replaced).
-        if len(np.unique(ids)) != len(ids):
-            keep = _last_occurrences(ids)
-            ids = np.ascontiguousarray(ids[keep])
-            vectors = np.ascontiguousarray(vectors[keep])
+        # FAISS keeps duplicate ids as separate rows, so ids already stored are
+        # removed first (remove_ids compacts the whole flat store, so skip it
+        # when nothing is being replaced).
         if self._index.ntotal and np.isin(ids, self._stored_ids()).any():
             self._index.remove_ids(ids)
         self._index.add_with_ids(vectors, ids)

@@ -48,6 +48,7 @@ from .base import (
     as_k,
     as_vectors,
     empty_results,
+    upsert_batch,
 )
 
 __all__ = ["FaissHNSWIndex", "faiss_part"]
@@ -76,12 +77,6 @@ def faiss_part(index) -> tuple[int, callable]:
         del writer
 
     return size, write
-
-
-def _last_occurrences(ids: np.ndarray) -> np.ndarray:
-    """Positions of the last occurrence of each id, in input order."""
-    reversed_first = np.unique(ids[::-1], return_index=True)[1]
-    return np.sort(len(ids) - 1 - reversed_first)
 
 
 def _positive_int(params: dict, name: str, *, upper: int = 1 << 20) -> None:
@@ -140,16 +135,9 @@ class FaissHNSWIndex(VectorIndex):
             self._selector = None
 
     def add(self, ids, vectors) -> None:
-        ids = as_ids(ids)
-        vectors = as_vectors(vectors, self.dim)
-        if len(ids) != len(vectors):
-            raise VectorIndexError(f"got {len(ids)} ids for {len(vectors)} vectors")
+        ids, vectors = upsert_batch(ids, vectors, self.dim)
         if len(ids) == 0:
             return
-        if len(np.unique(ids)) != len(ids):
-            keep = _last_occurrences(ids)
-            ids = np.ascontiguousarray(ids[keep])
-            vectors = np.ascontiguousarray(vectors[keep])
         self._tombstone(self._live_labels_of(ids))
         self._index.add(vectors)
         self._labels = np.concatenate([self._labels, ids])

@@ -60,6 +60,7 @@ from .base import (
     as_k,
     as_vectors,
     empty_results,
+    upsert_batch,
 )
 from .faiss_hnsw import faiss_part
 
@@ -88,11 +89,6 @@ MIN_POINTS_PER_LIST = 39
 KMEANS_ITERATIONS = 10
 QUANTIZER_M = 32
 _PARTS = struct.Struct("<QQQQ")  # ivf bytes, refine bytes, buffered rows, stored ids
-
-
-def _last_occurrences(ids: np.ndarray) -> np.ndarray:
-    reversed_first = np.unique(ids[::-1], return_index=True)[1]
-    return np.sort(len(ids) - 1 - reversed_first)
 
 
 def _auto_pq_m(dim: int) -> int:
@@ -254,16 +250,9 @@ class FaissIVFPQIndex(VectorIndex):
             self._refine.add_with_ids(vectors, ids)
 
     def add(self, ids, vectors) -> None:
-        ids = as_ids(ids)
-        vectors = as_vectors(vectors, self.dim)
-        if len(ids) != len(vectors):
-            raise VectorIndexError(f"got {len(ids)} ids for {len(vectors)} vectors")
+        ids, vectors = upsert_batch(ids, vectors, self.dim)
         if len(ids) == 0:
             return
-        if len(np.unique(ids)) != len(ids):
-            keep = _last_occurrences(ids)
-            ids = np.ascontiguousarray(ids[keep])
-            vectors = np.ascontiguousarray(vectors[keep])
         existing = _in_sorted(self._sorted_ids, ids)
         if existing.any():
             self._drop(ids[existing])

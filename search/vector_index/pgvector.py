@@ -77,6 +77,7 @@ from .base import (
     as_k,
     as_vectors,
     empty_results,
+    upsert_batch,
 )
 
 __all__ = ["PgVectorIndex", "DSN_ENV_VAR", "set_connection_provider"]
@@ -204,11 +205,6 @@ def _copy_payload(ids: np.ndarray, vectors: np.ndarray):
         rows["unused"] = 0
         rows["vec"] = vectors[start:stop]
         yield rows.tobytes()
-
-
-def _last_occurrences(ids: np.ndarray) -> np.ndarray:
-    reversed_first = np.unique(ids[::-1], return_index=True)[1]
-    return np.sort(len(ids) - 1 - reversed_first)
 
 
 def _scope_table(scope: str) -> str:
@@ -360,16 +356,9 @@ class PgVectorIndex(VectorIndex):
     # -- data ------------------------------------------------------------------------
 
     def add(self, ids, vectors) -> None:
-        ids = as_ids(ids)
-        vectors = as_vectors(vectors, self.dim)
-        if len(ids) != len(vectors):
-            raise VectorIndexError(f"got {len(ids)} ids for {len(vectors)} vectors")
+        ids, vectors = upsert_batch(ids, vectors, self.dim)
         if len(ids) == 0:
             return
-        if len(np.unique(ids)) != len(ids):
-            keep = _last_occurrences(ids)
-            ids = np.ascontiguousarray(ids[keep])
-            vectors = np.ascontiguousarray(vectors[keep])
         conn = self._connection()
         try:
             self._add(conn, ids, vectors)
