@@ -271,11 +271,13 @@ def _full_caption(c: Composition, template: str, rng: random.Random) -> str:
 
 
 def _partial_caption(c: Composition, rng: random.Random) -> str:
-    """A short description naming only some attributes (always colour or shape)."""
+    """A short description that names the colour and/or the shape and, now and
+    then, some of the other attributes ("a red circle", "a large star at the
+    top", "a small green object")."""
     keep_colour, keep_shape = rng.choice([(True, True), (True, True), (True, False), (False, True)])
     keep_size = rng.random() < 0.5
-    keep_pos = rng.random() < 0.4
-    keep_bg = rng.random() < 0.25
+    keep_position = rng.random() < 0.4
+    keep_background = rng.random() < 0.25
     words = []
     if keep_size:
         words.append(rng.choice(_SIZE_WORDS[c.size]))
@@ -283,9 +285,9 @@ def _partial_caption(c: Composition, rng: random.Random) -> str:
         words.append(c.colour)
     words.append(rng.choice(_SHAPE_WORDS[c.shape]) if keep_shape else rng.choice(("shape", "object")))
     text = _article(" ".join(words))
-    if keep_pos:
+    if keep_position:
         text += " " + rng.choice(_POSITION_WORDS[c.position])
-    if keep_bg:
+    if keep_background:
         text += " " + rng.choice(_BACKGROUND_PHRASES).format(b=c.background)
     return text
 

@@ -257,8 +257,8 @@ class TrainConfig:
     # model built from scratch: tiny_siglip_config(vocab, **model) and its vocabulary
     model: dict = field(default_factory=dict)
     vocab_size: int = 1000
-    # std of the new model's vision position embeddings; None keeps SigLIP's 1/sqrt(width), which
-    # leaves where things are almost invisible to a small model at first and slows learning it
+    # std of a new model's vision position embeddings (None keeps SigLIP's 1/sqrt(width), which
+    # leaves *where* things are almost invisible to a small model at first and slows learning it)
     vision_position_init_std: float | None = None
     # optimisation
     epochs: float = 10.0
@@ -280,7 +280,8 @@ class TrainConfig:
     # budget and bookkeeping
     time_budget_s: float | None = None  # stop (and save) once training has run this long
     stop_at_step: int | None = None  # stop (and save) at this step without changing the schedule
-    save_every_epochs: int = 1
+    eval_every_epochs: int = 1  # validation Recall@K (and a history entry) every this many epochs
+    save_every_epochs: int = 1  # checkpoint and training state every this many epochs
     keep_training_state: bool = True
     resume: bool = False
     eval_max_images: int | None = 1000
@@ -416,16 +417,21 @@ def _build_model(config: TrainConfig, train_texts: list[str], out_dir: Path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = SiglipModel(model_config)
-        if config.vision_position_init_std is not None:
-            torch.nn.init.normal_(
-                model.vision_model.embeddings.position_embedding.weight, std=config.vision_position_init_std
-            )
+        _custom_init(model, tokenizer, config)
     init_logit_parameters(
         model,
         INIT_LOGIT_SCALE if config.init_logit_scale is None else config.init_logit_scale,
         INIT_LOGIT_BIAS if config.init_logit_bias is None else config.init_logit_bias,
     )
     return model, tokenizer
+
+
+@torch.no_grad()
+def _custom_init(model, tokenizer, config: TrainConfig) -> None:
+    """The from-scratch initialisation options of ``config`` (see :class:`TrainConfig`)."""
+    if config.vision_position_init_std is not None:
+        torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight,
+                              std=config.vision_position_init_std)
 
 
 def _freeze(model, config: TrainConfig) -> None:
@@ -556,13 +562,14 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
     optimizer = _optimizer(model, config)
     scheduler = _schedule(optimizer, total_steps, warmup, config.min_lr_ratio)
 
-    step, history, train_seconds = 0, [], 0.0
+    step, history, train_seconds, train_cpu_seconds = 0, [], 0.0, 0.0
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = int(state["step"])
         history = list(state.get("history", []))
         train_seconds = float(state.get("train_seconds", 0.0))
+        train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
         torch.set_rng_state(state["torch_rng"])
 
     def save(completed: bool) -> None:
@@ -577,6 +584,7 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
                     "scheduler": scheduler.state_dict(),
                     "history": history,
                     "train_seconds": train_seconds,
+                    "train_cpu_seconds": train_cpu_seconds,
                     "torch_rng": torch.get_rng_state(),
                     "config": config.to_dict(),
                 },
@@ -598,7 +606,7 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
         epoch = step // steps_per_epoch
         order, captions = _epoch_plan(config.seed, epoch, train_tensors, batch_size)
         for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             idx = torch.from_numpy(order[b * batch_size : (b + 1) * batch_size])
             cap = torch.from_numpy(captions[b * batch_size : (b + 1) * batch_size])
             pixels = train_tensors.pixels.index_select(0, idx).to(device, non_blocking=True)
@@ -617,6 +625,7 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
             scheduler.step()
             step += 1
             train_seconds += time.perf_counter() - t0
+            train_cpu_seconds += time.process_time() - c0
 
             value = float(loss.detach())
             epoch_losses.append(value)
@@ -633,8 +642,10 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
             if step >= total_steps or budget_hit or stop_hit:
                 stopped_early = step < total_steps
                 break
-        epoch_done = step % steps_per_epoch == 0 or step >= total_steps
-        if epoch_done or stopped_early:
+        finished = step >= total_steps
+        epoch_done = step % steps_per_epoch == 0 or finished
+        epochs_done = step // steps_per_epoch
+        if finished or stopped_early or (epoch_done and epochs_done % max(1, config.eval_every_epochs) == 0):
             metrics = {
                 split: _evaluate(model, t, device, config.eval_max_images)
                 for split, t in eval_tensors.items()
@@ -644,6 +655,7 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
                 "step": step,
                 "elapsed_s": round(time.perf_counter() - started, 2),
                 "train_s": round(train_seconds, 2),
+                "train_cpu_s": round(train_cpu_seconds, 2),
                 "loss": float(np.mean(epoch_losses)) if epoch_losses else None,
                 "lr": float(scheduler.get_last_lr()[0]),
                 "logit_scale": float(model.logit_scale.item()),
@@ -657,13 +669,12 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
                 f" i2t R@1 {m['image_to_text']['recall@1']:.3f}"
                 for s, m in metrics.items()
             )
-            bar.write(f"epoch {entry['epoch']:g} step {step} loss {entry['loss']:.4f} "
-                      f"train {train_seconds:.0f}s {summary}")
+            loss_text = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
+            bar.write(f"epoch {entry['epoch']:g} step {step} loss {loss_text} train {train_seconds:.0f}s {summary}")
             report(step / total_steps, {"step": step, "total_steps": total_steps, "epoch": entry["epoch"],
                                         "loss": entry["loss"], "metrics": metrics})
-            finished = step >= total_steps
-            if finished or stopped_early or (int(round(entry["epoch"])) % max(1, config.save_every_epochs) == 0):
-                save(completed=finished)
+        if finished or stopped_early or (epoch_done and epochs_done % max(1, config.save_every_epochs) == 0):
+            save(completed=finished)
         if stopped_early:
             break
     bar.close()
@@ -690,22 +701,27 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
 # --------------------------------------------------------------------------
 DEMO_DATA = {"seed": 0, "n_train": 12000, "n_val": 200, "n_test": 600, "image_size": 64}
 DEMO_RECIPE = {
+    # 40 px pictures in 8 px patches: a 5 x 5 grid whose middle row and column line up with
+    # the left / centre / right and top / centre / bottom places of the shapes
     "model": {
-        "image_size": 32,
-        "patch_size": 4,
-        "hidden_size": 128,
-        "intermediate_size": 512,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
+        "image_size": 40,
+        "patch_size": 8,
+        "hidden_size": 64,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
     },
     "vocab_size": 1000,
-    "epochs": 10,
-    "batch_size": 256,
+    "vision_position_init_std": 0.5,
+    "batch_size": 128,
+    "max_steps": 2000,
     "lr": 2e-3,
-    "warmup_fraction": 0.05,
+    "warmup_steps": 40,
     "weight_decay": 0.1,
     "grad_clip": 1.0,
     "seed": 0,
+    "eval_every_epochs": 4,
+    "save_every_epochs": 1000,
 }
 
 
@@ -730,7 +746,8 @@ def demo(out_dir="embeddings/demo_model", data_dir=None, *, num_threads=None, pr
         # Train into a fresh folder so no stale files end up in the checkpoint.
         work = Path(tempfile.mkdtemp(prefix="demo-model-"))
         config = TrainConfig(
-            data=str(json_path), out_dir=str(work), train_splits=("train",), eval_splits=("val",),
+            # test is only watched (for the learning curve), never used to choose anything
+            data=str(json_path), out_dir=str(work), train_splits=("train",), eval_splits=("val", "test"),
             final_split="test", keep_training_state=False, num_threads=num_threads, progress=progress,
             **recipe,
         )
@@ -743,6 +760,7 @@ def demo(out_dir="embeddings/demo_model", data_dir=None, *, num_threads=None, pr
             "test_images": len(load_karpathy(json_path, ("test",))),
             "test_metrics": result.final_metrics,
             "train_seconds": last["train_s"],
+            "train_cpu_seconds": last["train_cpu_s"],
             "run_seconds": round(total_s, 2),
             "generate_seconds": round(generate_s, 2),
             "steps": result.step,
@@ -750,7 +768,7 @@ def demo(out_dir="embeddings/demo_model", data_dir=None, *, num_threads=None, pr
             "data": data_params,
             "recipe": recipe,
             "learning_curve": [
-                {"train_s": h["train_s"], "epoch": h["epoch"], "loss": h["loss"],
+                {"train_s": h["train_s"], "step": h["step"], "epoch": h["epoch"], "loss": h["loss"],
                  **{f"{split}_{d}_R@{k}": m[d][f"recall@{k}"]
                     for split, m in h["metrics"].items()
                     for d in ("text_to_image", "image_to_text") for k in (1, 5)}}
@@ -793,6 +811,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-splits", default="val")
     p.add_argument("--final-split", default="test")
     p.add_argument("--model-json", help='from scratch: tiny_siglip_config overrides, e.g. \'{"hidden_size": 128}\'')
+    p.add_argument("--options-json", help="any other TrainConfig fields, as a JSON object")
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--epochs", type=float)
     p.add_argument("--max-steps", type=int)
@@ -826,6 +845,8 @@ def main(argv: list[str] | None = None) -> int:
                   "warmup_fraction", "weight_decay", "grad_clip", "seed", "time_budget_s")
         if getattr(args, k) is not None
     }
+    if args.options_json:
+        overrides.update(json.loads(args.options_json))
     if args.model_json:
         overrides["model"] = json.loads(args.model_json)
     if args.demo:
