@@ -18,6 +18,9 @@ ONNX exports are written once per checkpoint into a cache folder, keyed by a
 hash of the checkpoint's config and weights (:func:`checkpoint_fingerprint`),
 under a file lock so that several processes starting together export once.
 
+On CUDA a single text query replays a captured CUDA graph
+(``$SIGLIP_CUDA_GRAPHS=0`` turns that off; see :class:`TorchTower`).
+
 Threads: ONNX Runtime sessions use ``$SIGLIP_THREADS`` intra-op threads
 (default :func:`default_threads`) and never spin between calls, so idle web
 processes leave the cores to the busy one.
@@ -48,12 +51,14 @@ __all__ = [
     "AUTO",
     "BACKENDS",
     "CACHE_ENV_VAR",
+    "CUDA_GRAPHS_ENV_VAR",
     "EXPORT_FORMAT",
     "THREADS_ENV_VAR",
     "OnnxTower",
     "TorchTower",
     "checkpoint_fingerprint",
     "cpu_has_vnni",
+    "cuda_graphs_enabled",
     "default_backend",
     "default_cache_dir",
     "default_threads",
@@ -154,10 +159,27 @@ def cpu_has_vnni() -> bool:
 # --------------------------------------------------------------------------
 
 
-class TorchTower:
-    """One tower of a (possibly quantised) ``SiglipModel`` run by torch."""
+CUDA_GRAPHS_ENV_VAR = "SIGLIP_CUDA_GRAPHS"
 
-    def __init__(self, model, tower: str, device: str, dtype, one_at_a_time: bool = False):
+
+def cuda_graphs_enabled() -> bool:
+    """Whether single text queries on CUDA replay a captured CUDA graph
+    (``$SIGLIP_CUDA_GRAPHS``, default on)."""
+    return os.environ.get(CUDA_GRAPHS_ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class TorchTower:
+    """One tower of a (possibly quantised) ``SiglipModel`` run by torch.
+
+    On CUDA, a text tower answers one-query batches (the search path) by
+    replaying a CUDA graph captured on first use: the ~200 kernels of the
+    12-layer tower are launched by one call instead of one Python call each,
+    which is most of a single query's time on a GPU. Other batch sizes, and
+    any failure to capture, run eagerly.
+    """
+
+    def __init__(self, model, tower: str, device: str, dtype, one_at_a_time: bool = False,
+                 cuda_graph: bool | None = None):
         if tower not in TOWERS:
             raise ValueError(f"unknown tower {tower!r}")
         self.model = model
@@ -166,11 +188,67 @@ class TorchTower:
         self.dtype = dtype
         # Dynamic quantisation scales each call's activations together (see OnnxTower).
         self.one_at_a_time = bool(one_at_a_time)
+        if cuda_graph is None:
+            cuda_graph = cuda_graphs_enabled()
+        self.cuda_graph = bool(cuda_graph) and tower == "text" and str(device).startswith("cuda")
+        self._graph = None  # (graph, static input, static output) once captured; False if it failed
+        self._graph_lock = threading.Lock()
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if self.cuda_graph and len(batch) == 1 and self._graph is not False:
+            out = self._replay(batch)
+            if out is not None:
+                return out
         if self.one_at_a_time and len(batch) > 1:
             return np.concatenate([self._run(batch[i : i + 1]) for i in range(len(batch))])
         return self._run(batch)
+
+    def _forward(self, inputs):
+        import torch
+
+        if self.tower == "text":
+            features = self.model.get_text_features(input_ids=inputs).pooler_output
+        else:
+            features = self.model.get_image_features(pixel_values=inputs).pooler_output
+        return torch.nn.functional.normalize(features.float(), p=2, dim=-1)
+
+    def _replay(self, batch: np.ndarray) -> np.ndarray | None:
+        import torch
+
+        with self._graph_lock:  # one set of static buffers: one query at a time
+            if self._graph is None:
+                self._graph = self._capture(batch.shape)
+                if self._graph is False:
+                    return None
+            graph, static_in, static_out = self._graph
+            if tuple(batch.shape) != tuple(static_in.shape):
+                return None
+            with torch.inference_mode():
+                static_in.copy_(torch.from_numpy(np.ascontiguousarray(batch)), non_blocking=False)
+                graph.replay()
+                return static_out.cpu().numpy().astype(np.float32, copy=True)
+
+    def _capture(self, shape):
+        import torch
+
+        try:
+            with torch.inference_mode():
+                static_in = torch.zeros(tuple(shape), dtype=torch.long, device=self.device)
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(3):  # warm up (allocator, kernels) outside the graph
+                        self._forward(static_in)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    static_out = self._forward(static_in)
+                torch.cuda.synchronize()
+            logger.info("text tower: CUDA graph captured for batches of shape %s", tuple(shape))
+            return graph, static_in, static_out
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: run eagerly
+            logger.warning("text tower: CUDA graph capture failed, running eagerly (%s)", exc)
+            return False
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         import torch
@@ -178,12 +256,10 @@ class TorchTower:
         with torch.inference_mode():
             inputs = torch.from_numpy(np.ascontiguousarray(batch))
             if self.tower == "text":
-                features = self.model.get_text_features(input_ids=inputs.to(self.device)).pooler_output
+                inputs = inputs.to(self.device)
             else:
                 inputs = inputs.to(device=self.device, dtype=self.dtype)
-                features = self.model.get_image_features(pixel_values=inputs).pooler_output
-            features = torch.nn.functional.normalize(features.float(), p=2, dim=-1)
-            return features.cpu().numpy().astype(np.float32, copy=False)
+            return self._forward(inputs).cpu().numpy().astype(np.float32, copy=False)
 
 
 def _quantize_linear_int8(model):

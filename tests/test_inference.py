@@ -77,6 +77,18 @@ def test_auto_is_onnx_int8_on_cpu_and_torch_on_cuda():
     assert inference.resolve_backend(" ONNX ", "cpu") == "onnx"
 
 
+def test_cuda_graph_replay_is_for_text_towers_on_cuda_only(checkpoint, monkeypatch):
+    model = SiglipEncoder(str(checkpoint), device="cpu").load().model
+    assert not inference.TorchTower(model, "text", "cpu", torch.float32).cuda_graph
+    assert not inference.TorchTower(model, "image", "cuda", torch.bfloat16).cuda_graph
+    assert inference.TorchTower(model, "text", "cuda", torch.bfloat16).cuda_graph
+    monkeypatch.setenv(inference.CUDA_GRAPHS_ENV_VAR, "0")
+    assert not inference.cuda_graphs_enabled()
+    assert not inference.TorchTower(model, "text", "cuda", torch.bfloat16).cuda_graph
+    monkeypatch.setenv(inference.CUDA_GRAPHS_ENV_VAR, "on")
+    assert inference.cuda_graphs_enabled()
+
+
 def test_unknown_and_misplaced_backends_are_rejected():
     with pytest.raises(ValueError, match="unknown SigLIP inference backend"):
         inference.resolve_backend("tensorrt", "cpu")

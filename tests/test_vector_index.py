@@ -572,3 +572,54 @@ class ToyIndex(VectorIndex):
         index = cls(dim, **params)
         index.add(ids, vectors)
         return index
+
+
+# --------------------------------------------------------------------------
+# Exact search on an accelerator (a torch copy of the vectors)
+# --------------------------------------------------------------------------
+
+
+def test_the_device_copy_gives_faiss_results_and_follows_every_change(monkeypatch, corpus):
+    from search.vector_index import faiss_flat
+
+    ids, vectors = corpus
+    queries = unit_vectors(20, seed=5)
+    on_cpu = create_index(BACKEND, DIM)
+    on_cpu.add(ids, vectors)
+    # torch on the CPU stands in for the CUDA device here: same code path
+    monkeypatch.setattr(faiss_flat, "search_device", lambda: "cpu")
+    mirrored = create_index(BACKEND, DIM)
+    mirrored.add(ids, vectors)
+
+    def same(k=10):
+        got_ids, got_scores = mirrored.search(queries, k)
+        want_ids, want_scores = on_cpu.search(queries, k)
+        assert np.array_equal(got_ids, want_ids)
+        np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+        return got_ids
+
+    first = same()
+    mirrored.remove(first[:, 0])
+    on_cpu.remove(first[:, 0])
+    assert not np.isin(same(), first[:, 0]).any()  # removed rows are gone from the copy too
+    new_ids, new_vectors = np.array([1, 2], dtype=np.int64), queries[:2].copy()
+    mirrored.add(new_ids, new_vectors)
+    on_cpu.add(new_ids, new_vectors)
+    assert list(same(k=1)[:2, 0]) == [1, 2]  # an added row is its own best match at once
+    assert same(k=600).shape == (20, 600)  # k past the count keeps the padding
+
+
+def test_the_search_device_is_the_cpu_without_cuda_or_when_asked(monkeypatch):
+    import torch
+
+    from search.vector_index import faiss_flat
+
+    monkeypatch.setenv(faiss_flat.DEVICE_ENV_VAR, "cpu")
+    assert faiss_flat.search_device() is None
+    monkeypatch.setenv(faiss_flat.DEVICE_ENV_VAR, "auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert faiss_flat.search_device() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert faiss_flat.search_device() == "cuda"
+    monkeypatch.setenv(faiss_flat.DEVICE_ENV_VAR, "cuda:1")
+    assert faiss_flat.search_device() == "cuda:1"
