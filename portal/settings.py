@@ -175,6 +175,9 @@ SIGLIP_MODEL_EXPLICIT = bool(os.environ.get("SIGLIP_MODEL"))
 SIGLIP_DEVICE = os.environ.get("SIGLIP_DEVICE") or None  # "cuda", "cpu" or auto
 # How the towers run: auto (CUDA: torch in bf16; CPU: onnx-int8), torch, torch-int8, onnx, onnx-int8.
 SIGLIP_INFERENCE = os.environ.get("SIGLIP_INFERENCE", "auto")
+# Bulk ingestion on a GPU: decode JPEGs at a reduced scale (about twice as fast, pixels differ
+# slightly from the per-upload path; docs/scaling.md).
+INGEST_JPEG_DRAFT = env_bool("INGEST_JPEG_DRAFT", False)
 # Text-query embeddings kept per web process (LRU) and, for SEARCH_QUERY_CACHE_TTL seconds, in Redis.
 SEARCH_QUERY_CACHE_SIZE = int(os.environ.get("SEARCH_QUERY_CACHE_SIZE", "4096"))
 SEARCH_QUERY_CACHE_TTL = int(os.environ.get("SEARCH_QUERY_CACHE_TTL", str(24 * 3600)))

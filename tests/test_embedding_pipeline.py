@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -123,19 +124,79 @@ def test_one_index_sync_at_the_end_indexes_every_vector(tiny_model, assets):
 
 
 @pytest.mark.django_db
-def test_bench_ingest_command_reports_every_stage_and_cleans_up(tiny_model, tiny_checkpoint):
+def test_bench_ingest_command_reports_every_stage_stores_the_run_and_cleans_up(tiny_model, tiny_checkpoint, tmp_path):
     import io
 
     from django.core.management import call_command
 
     from embeddings.models import EmbeddingModel
 
+    from evaluation.models import BenchmarkRun
+
     out = io.StringIO()
+    output = tmp_path / "ingest.json"
     call_command("bench_ingest", n=6, checkpoint=str(tiny_checkpoint), batch_size=4, workers=1,
-                 model_alone=4, stdout=out)
+                 model_alone=4, output=str(output), stdout=out)
     text = out.getvalue()
     for stage in ("read", "decode", "model", "store", "index", "end to end", "model alone"):
         assert stage in text, text
     assert "6 images, 0 failed" in text
     assert not ImageAsset.objects.filter(collection="bench-ingest").exists()
     assert not EmbeddingModel.objects.filter(name="bench-siglip-base-random").exists()
+    # the figures are kept: in the benchmark history and as JSON
+    run = BenchmarkRun.objects.get(kind=BenchmarkRun.Kind.INGESTION)
+    figures = json.loads(output.read_text())
+    assert run.images_per_second == pytest.approx(figures["images_per_second"]["end_to_end"], abs=0.01)
+    assert run.images_per_second > 0
+    assert run.gallery_images == figures["images"] == 6
+    assert set(figures["busy_seconds"]) >= {"read", "decode", "model", "store", "index"}
+    assert run.machine["cpu_count"] >= 1
+
+
+def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():
+    import io
+
+    from PIL import Image
+
+    from embeddings.pipeline import _resized_uint8
+    from embeddings.siglip import ImagePreprocessor
+
+    from .conftest import image_bytes as png_bytes
+
+    preprocessor = ImagePreprocessor()  # 224 x 224: a 640 x 480 JPEG is decoded at 320 x 240
+    rng = np.random.default_rng(0)
+    field = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(field, "RGB").resize((640, 480), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    jpeg = buffer.getvalue()
+
+    exact = _resized_uint8(preprocessor, jpeg)
+    draft = _resized_uint8(preprocessor, jpeg, draft=True)
+    assert draft.shape == exact.shape == (3, 224, 224) and draft.dtype == np.uint8
+    difference = np.abs(draft.astype(int) - exact.astype(int))
+    assert 0 < difference.mean() < 3, difference.mean()
+    # not a JPEG: nothing to draft, the exact pixels
+    png = png_bytes((10, 200, 30), size=(80, 60))
+    assert np.array_equal(_resized_uint8(preprocessor, png, draft=True), _resized_uint8(preprocessor, png))
+
+
+@pytest.mark.django_db
+def test_copied_vectors_land_once_and_a_stored_vector_is_kept(tiny_model, assets):
+    from django.db import transaction
+
+    from embeddings.pipeline import insert_vectors
+
+    first = np.arange(tiny_model.dimension, dtype="<f4")
+    second = -first
+    caption = assets[0].captions.first()
+    with transaction.atomic():
+        insert_vectors(tiny_model, "asset", [(assets[0].pk, first.tobytes()), (assets[1].pk, first.tobytes())])
+        insert_vectors(tiny_model, "caption", [(caption.pk, first.tobytes())])
+    with transaction.atomic():  # again, other values: what is stored stays
+        insert_vectors(tiny_model, "asset", [(assets[0].pk, second.tobytes()), (assets[2].pk, second.tobytes())])
+    stored = vectors_of(tiny_model, assets[:3])
+    assert set(stored) == {assets[0].pk, assets[1].pk, assets[2].pk}
+    assert np.array_equal(stored[assets[0].pk], first) and np.array_equal(stored[assets[2].pk], second)
+    assert Embedding.objects.filter(model=tiny_model, caption=caption).count() == 1
+    with pytest.raises(ValueError):
+        insert_vectors(tiny_model, "nothing", [(1, first.tobytes())])
