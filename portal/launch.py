@@ -79,6 +79,8 @@ def main() -> int:
         manage(env, "rebuild_index", "--sync", check=False)
         print(f"\nPortal: http://{host}:{port}/   (Ctrl-C to stop)\n", flush=True)
         signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+        # Ctrl-C stops everything even when started from a shell that ignores SIGINT (a background job).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         return 1
