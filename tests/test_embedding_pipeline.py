@@ -127,10 +127,9 @@ def test_one_index_sync_at_the_end_indexes_every_vector(tiny_model, assets):
 def test_bench_ingest_command_reports_every_stage_stores_the_run_and_cleans_up(tiny_model, tiny_checkpoint, tmp_path):
     import io
 
-    from django.core.management import call_command
+    from django.core.management import CommandError, call_command
 
     from embeddings.models import EmbeddingModel
-
     from evaluation.models import BenchmarkRun
 
     out = io.StringIO()
@@ -151,6 +150,18 @@ def test_bench_ingest_command_reports_every_stage_stores_the_run_and_cleans_up(t
     assert run.gallery_images == figures["images"] == 6
     assert set(figures["busy_seconds"]) >= {"read", "decode", "model", "store", "index"}
     assert run.machine["cpu_count"] >= 1
+    # a run measured elsewhere: its JSON joins this history
+    call_command("record_benchmark", str(output), stdout=out)
+    copied = BenchmarkRun.objects.exclude(pk=run.pk).get(kind=BenchmarkRun.Kind.INGESTION)
+    assert copied.images_per_second == run.images_per_second and copied.extra == figures
+    assert copied.model_name == run.model_name == "bench-siglip-base-random"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"what": 1}')
+    with pytest.raises(CommandError, match="not the output of bench_queries or bench_ingest"):
+        call_command("record_benchmark", str(bad))
+    bad.write_text("{broken")
+    with pytest.raises(CommandError, match="cannot read it as JSON"):
+        call_command("record_benchmark", str(bad))
 
 
 def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():

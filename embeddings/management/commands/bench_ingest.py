@@ -222,11 +222,8 @@ class Command(BaseCommand):
     def _record(self, opts, encoder, result, rates, alone, decode_one_core, jpeg_mean_bytes) -> None:
         """Write the figures as JSON (``--output``) and store them in the benchmark history."""
         import json
-        from datetime import timedelta
 
-        from django.utils import timezone
-
-        from evaluation.models import BenchmarkRun
+        from evaluation.records import record_ingestion
         from evaluation.services import machine_description
 
         figures = {
@@ -245,21 +242,17 @@ class Command(BaseCommand):
             "model_alone_images_per_second": round(alone, 2) if alone else None,
             "decode_one_core_images_per_second": round(decode_one_core, 1),
             "machine": machine_description(encoder),
+            "model_name": MODEL_NAME,
+            "model_source": str(encoder.source),
+            "image_size": encoder.image_size,
+            "index_backend": settings.VECTOR_INDEX_BACKEND,
         }
         if opts["output"]:
             Path(opts["output"]).write_text(json.dumps(figures, indent=2))
             self.stdout.write(f"results written to {opts['output']}")
         if opts["no_save"]:
             return
-        now = timezone.now()
-        run = BenchmarkRun.objects.create(
-            kind=BenchmarkRun.Kind.INGESTION, dataset="synthetic", dataset_path=f"{COLLECTION}: generated 640x480 JPEGs",
-            collection=COLLECTION, gallery_images=result.images, model_name=MODEL_NAME,
-            model_source=str(encoder.source), index_backend=settings.VECTOR_INDEX_BACKEND,
-            image_size=encoder.image_size, status=BenchmarkRun.Status.SUCCEEDED, progress=100,
-            stage="manage.py bench_ingest", started=now - timedelta(seconds=result.wall_seconds), finished=now,
-            images_per_second=rates["end_to_end"], machine=figures["machine"], extra=figures,
-        )
+        run = record_ingestion(figures)
         self.stdout.write(f"stored as benchmark run #{run.pk} (kind ingestion)")
 
     def _clean_up(self, model, folder: Path) -> None:

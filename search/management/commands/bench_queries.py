@@ -989,40 +989,7 @@ class Command(BaseCommand):
             self.stdout.write(f"Results: {self.opts['output']}")
         if self.opts["no_save"]:
             return
-        try:
-            from datetime import timedelta
+        from evaluation.records import record_query_latency
 
-            from django.utils import timezone
-
-            from evaluation.models import BenchmarkRun
-        except ImportError:
-            self.stdout.write("No benchmark history in this version: the JSON file is the record.")
-            return
-        text_phase, image_phase = results.get("text") or {}, results.get("image") or {}
-        gallery = results.get("gallery") or {}
-        run = BenchmarkRun(
-            kind="query-latency",
-            dataset=BENCH_COLLECTION,
-            dataset_path="",
-            collection=BENCH_COLLECTION,
-            gallery_images=gallery.get("images", 0),
-            gallery_captions=gallery.get("captions", 0),
-            model=model,
-            model_name=model.name if model else "",
-            model_source=model.source if model else "",
-            index_backend=settings.VECTOR_INDEX_BACKEND,
-            image_size=model.image_size if model else None,
-            status="succeeded",
-            progress=100,
-            stage="done",
-            started=timezone.now() - timedelta(seconds=results["duration_s"]),
-            finished=timezone.now(),
-            t2i_latency_p50_ms=(text_phase.get("latency_ms") or {}).get("p50"),
-            t2i_latency_p95_ms=(text_phase.get("latency_ms") or {}).get("p95"),
-            i2t_latency_p50_ms=(image_phase.get("latency_ms") or {}).get("p50"),
-            i2t_latency_p95_ms=(image_phase.get("latency_ms") or {}).get("p95"),
-            machine=results["machine"],
-            extra=json.loads(text),
-        )
-        run.save()
+        run = record_query_latency(json.loads(text), model=model, index_backend=settings.VECTOR_INDEX_BACKEND)
         self.stdout.write(f"Stored as benchmark run #{run.pk} (kind query-latency).")

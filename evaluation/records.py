@@ -1,0 +1,94 @@
+"""Benchmark figures -> ``BenchmarkRun`` rows of the history.
+
+The benchmark commands (``bench_queries``, ``bench_ingest``) store their run
+through these functions, and ``manage.py record_benchmark FILE`` stores a run
+from the ``--output`` JSON of one made elsewhere (a GPU host, say, whose own
+database is not the portal's).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from .models import BenchmarkRun
+
+QUERY_COLLECTION = "bench-synthetic"
+INGEST_COLLECTION = "bench-ingest"
+
+
+def kind_of(figures: dict) -> str:
+    """Which benchmark wrote ``figures``; ValueError when neither."""
+    if not isinstance(figures, dict):
+        raise ValueError("the file does not hold a JSON object")
+    if figures.get("kind") == BenchmarkRun.Kind.QUERY_LATENCY or {"config", "text"} <= set(figures):
+        return BenchmarkRun.Kind.QUERY_LATENCY
+    if {"busy_seconds", "images_per_second", "wall_seconds"} <= set(figures):
+        return BenchmarkRun.Kind.INGESTION
+    raise ValueError("not the output of bench_queries or bench_ingest")
+
+
+def record_query_latency(results: dict, model=None, index_backend: str | None = None) -> BenchmarkRun:
+    config = results.get("config") or {}
+    described = config.get("model") or {}
+    text_phase, image_phase = results.get("text") or {}, results.get("image") or {}
+    gallery = results.get("gallery") or {}
+    now = timezone.now()
+    return BenchmarkRun.objects.create(
+        kind=BenchmarkRun.Kind.QUERY_LATENCY,
+        dataset=QUERY_COLLECTION,
+        dataset_path="",
+        collection=QUERY_COLLECTION,
+        gallery_images=gallery.get("images", 0),
+        gallery_captions=gallery.get("captions", 0),
+        model=model,
+        model_name=model.name if model else described.get("name", ""),
+        model_source=model.source if model else described.get("source", ""),
+        index_backend=index_backend or config.get("index_backend") or settings.VECTOR_INDEX_BACKEND,
+        image_size=model.image_size if model else described.get("image_size"),
+        status=BenchmarkRun.Status.SUCCEEDED,
+        progress=100,
+        stage="manage.py bench_queries",
+        started=now - timedelta(seconds=float(results.get("duration_s") or 0)),
+        finished=now,
+        t2i_latency_p50_ms=(text_phase.get("latency_ms") or {}).get("p50"),
+        t2i_latency_p95_ms=(text_phase.get("latency_ms") or {}).get("p95"),
+        i2t_latency_p50_ms=(image_phase.get("latency_ms") or {}).get("p50"),
+        i2t_latency_p95_ms=(image_phase.get("latency_ms") or {}).get("p95"),
+        machine=results.get("machine") or {},
+        extra=results,
+    )
+
+
+def record_ingestion(figures: dict, model_name: str = "", model_source: str = "",
+                     image_size: int | None = None, index_backend: str | None = None) -> BenchmarkRun:
+    now = timezone.now()
+    return BenchmarkRun.objects.create(
+        kind=BenchmarkRun.Kind.INGESTION,
+        dataset="synthetic",
+        dataset_path=f"{INGEST_COLLECTION}: generated 640x480 JPEGs",
+        collection=INGEST_COLLECTION,
+        gallery_images=figures.get("images", 0),
+        model_name=model_name or figures.get("model_name", ""),
+        model_source=model_source or figures.get("model_source", ""),
+        index_backend=index_backend or figures.get("index_backend") or settings.VECTOR_INDEX_BACKEND,
+        image_size=image_size or figures.get("image_size"),
+        status=BenchmarkRun.Status.SUCCEEDED,
+        progress=100,
+        stage="manage.py bench_ingest",
+        started=now - timedelta(seconds=float(figures.get("wall_seconds") or 0)),
+        finished=now,
+        images_per_second=(figures.get("images_per_second") or {}).get("end_to_end"),
+        machine=figures.get("machine") or {},
+        extra=figures,
+    )
+
+
+def record_file_figures(figures: dict) -> BenchmarkRun:
+    """Store the figures of a benchmark's ``--output`` JSON as a run."""
+    kind = kind_of(figures)
+    if kind == BenchmarkRun.Kind.QUERY_LATENCY:
+        return record_query_latency(figures)
+    return record_ingestion(figures)
