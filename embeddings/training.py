@@ -714,7 +714,7 @@ DEMO_RECIPE = {
     "vocab_size": 1000,
     "vision_position_init_std": 0.5,
     "batch_size": 128,
-    "max_steps": 2000,
+    "max_steps": 5000,
     "lr": 2e-3,
     "warmup_steps": 40,
     "weight_decay": 0.1,
