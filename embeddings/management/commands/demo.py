@@ -31,7 +31,7 @@ def demo_checkpoint(retrain: bool, stdout) -> Path:
     from embeddings import training
 
     target = Path(settings.STATE_DIR) / "models" / "demo"
-    stdout.write(f"Training the demo model into {target} (a few minutes on a CPU) …")
+    stdout.write(f"Training the demo model into {target} (about 9 minutes on 2 CPU cores) …")
     return training.demo(out_dir=target, data_dir=Path(settings.STATE_DIR) / "datasets" / "shapes-train")
 
 
