@@ -1,6 +1,6 @@
 """Benchmark figures -> ``BenchmarkRun`` rows of the history.
 
-The benchmark commands (``bench_queries``, ``bench_ingest``) store their run
+The benchmark commands (``bench_queries``, ``bench_ingest``, ``bench_index``) store their run
 through these functions, and ``manage.py record_benchmark FILE`` stores a run
 from the ``--output`` JSON of one made elsewhere (a GPU host, say, whose own
 database is not the portal's).
@@ -30,14 +30,23 @@ def kind_of(figures: dict) -> str:
     raise ValueError("not the output of bench_queries or bench_ingest")
 
 
-def record_query_latency(results: dict, model=None, index_backend: str | None = None) -> BenchmarkRun:
-    config = results.get("config") or {}
-    described = config.get("model") or {}
-    text_phase, image_phase = results.get("text") or {}, results.get("image") or {}
-    gallery = results.get("gallery") or {}
+def _finished_run(kind: str, seconds, stage: str, **fields) -> BenchmarkRun:
+    """A succeeded run of ``kind`` that took ``seconds`` and ended now."""
     now = timezone.now()
     return BenchmarkRun.objects.create(
-        kind=BenchmarkRun.Kind.QUERY_LATENCY,
+        kind=kind, status=BenchmarkRun.Status.SUCCEEDED, progress=100, stage=stage,
+        started=now - timedelta(seconds=float(seconds or 0)), finished=now, **fields,
+    )
+
+
+def record_query_latency(results: dict, model=None) -> BenchmarkRun:
+    config = results.get("config") or {}
+    described = config.get("model") or {}
+    text_latency = (results.get("text") or {}).get("latency_ms") or {}
+    image_latency = (results.get("image") or {}).get("latency_ms") or {}
+    gallery = results.get("gallery") or {}
+    return _finished_run(
+        BenchmarkRun.Kind.QUERY_LATENCY, results.get("duration_s"), "manage.py bench_queries",
         dataset=QUERY_COLLECTION,
         dataset_path="",
         collection=QUERY_COLLECTION,
@@ -46,43 +55,45 @@ def record_query_latency(results: dict, model=None, index_backend: str | None = 
         model=model,
         model_name=model.name if model else described.get("name", ""),
         model_source=model.source if model else described.get("source", ""),
-        index_backend=index_backend or config.get("index_backend") or settings.VECTOR_INDEX_BACKEND,
+        index_backend=config.get("index_backend") or settings.VECTOR_INDEX_BACKEND,
         image_size=model.image_size if model else described.get("image_size"),
-        status=BenchmarkRun.Status.SUCCEEDED,
-        progress=100,
-        stage="manage.py bench_queries",
-        started=now - timedelta(seconds=float(results.get("duration_s") or 0)),
-        finished=now,
-        t2i_latency_p50_ms=(text_phase.get("latency_ms") or {}).get("p50"),
-        t2i_latency_p95_ms=(text_phase.get("latency_ms") or {}).get("p95"),
-        i2t_latency_p50_ms=(image_phase.get("latency_ms") or {}).get("p50"),
-        i2t_latency_p95_ms=(image_phase.get("latency_ms") or {}).get("p95"),
+        t2i_latency_p50_ms=text_latency.get("p50"),
+        t2i_latency_p95_ms=text_latency.get("p95"),
+        i2t_latency_p50_ms=image_latency.get("p50"),
+        i2t_latency_p95_ms=image_latency.get("p95"),
         machine=results.get("machine") or {},
         extra=results,
     )
 
 
-def record_ingestion(figures: dict, model_name: str = "", model_source: str = "",
-                     image_size: int | None = None, index_backend: str | None = None) -> BenchmarkRun:
-    now = timezone.now()
-    return BenchmarkRun.objects.create(
-        kind=BenchmarkRun.Kind.INGESTION,
+def record_ingestion(figures: dict) -> BenchmarkRun:
+    return _finished_run(
+        BenchmarkRun.Kind.INGESTION, figures.get("wall_seconds"), "manage.py bench_ingest",
         dataset="synthetic",
         dataset_path=f"{INGEST_COLLECTION}: generated 640x480 JPEGs",
         collection=INGEST_COLLECTION,
         gallery_images=figures.get("images", 0),
-        model_name=model_name or figures.get("model_name", ""),
-        model_source=model_source or figures.get("model_source", ""),
-        index_backend=index_backend or figures.get("index_backend") or settings.VECTOR_INDEX_BACKEND,
-        image_size=image_size or figures.get("image_size"),
-        status=BenchmarkRun.Status.SUCCEEDED,
-        progress=100,
-        stage="manage.py bench_ingest",
-        started=now - timedelta(seconds=float(figures.get("wall_seconds") or 0)),
-        finished=now,
+        model_name=figures.get("model_name", ""),
+        model_source=figures.get("model_source", ""),
+        index_backend=figures.get("index_backend") or settings.VECTOR_INDEX_BACKEND,
+        image_size=figures.get("image_size"),
         images_per_second=(figures.get("images_per_second") or {}).get("end_to_end"),
         machine=figures.get("machine") or {},
         extra=figures,
+    )
+
+
+def record_index_scale(result: dict) -> BenchmarkRun:
+    return _finished_run(
+        BenchmarkRun.Kind.INDEX_SCALE, result["build_seconds"] + result["ground_truth_seconds"],
+        "manage.py bench_index",
+        dataset="synthetic",
+        dataset_path=f"clustered-sphere n={result['n']} dim={result['dim']} seed={result['data']['seed']}",
+        gallery_images=result["n"],
+        index_backend=result["backend"],
+        index_params=result["params"],
+        machine=result["machine"],
+        extra=result,
     )
 
 

@@ -171,3 +171,17 @@ def test_a_failed_run_is_stored_as_failed_with_its_error(tiny_model, staff_clien
     # A run is claimed once: delivering it again does nothing.
     assert services.run_benchmark(run_id)["skipped"] is True
     assert BenchmarkRun.objects.get(pk=run_id).status == "failed"
+
+
+@pytest.mark.django_db
+def test_the_index_benchmark_stores_its_figures_as_an_index_scale_run():
+    import io
+
+    out = io.StringIO()
+    call_command("bench_index", backend="faiss-flat", n=400, dim=16, queries=10, clusters=8, stdout=out)
+    run = BenchmarkRun.objects.get(kind=BenchmarkRun.Kind.INDEX_SCALE)
+    assert f"stored as benchmark run {run.pk} (kind index-scale)" in out.getvalue()
+    assert run.status == BenchmarkRun.Status.SUCCEEDED and run.progress == 100
+    assert run.gallery_images == 400 and run.index_backend == "faiss-flat" and run.index_params == {}
+    assert run.extra["n"] == 400 and run.extra["sweep"][0]["recall@10"] == 1.0  # exact search
+    assert run.finished >= run.started and run.machine == run.extra["machine"]

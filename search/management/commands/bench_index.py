@@ -16,9 +16,9 @@ Latency is per single query (one query per call, as the search API issues
 them), measured after a warm-up, reported as p50 / p95. Build time includes
 training. Memory is the growth of this process's resident set while building
 (for pgvector: the table and index sizes in PostgreSQL). Results are printed
-as a table and stored in the benchmark history (``evaluation.models.
-BenchmarkRun``, kind ``index-scale``) when that model exists, else written as
-JSON under ``STATE_DIR/benchmarks/``.
+as a table and stored in the benchmark history (kind ``index-scale``, through
+``evaluation.records``); if the database refuses them they are written as JSON
+under ``STATE_DIR/benchmarks/`` instead.
 
 Vectors are generated in chunks and never all held at once unless the backend
 needs them, so ``--n`` is bounded by the index's memory, not the data's.
@@ -30,7 +30,7 @@ import json
 import os
 import platform
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -328,36 +328,14 @@ class Command(BaseCommand):
             )
 
     def _store(self, result: dict) -> None:
-        try:
-            from evaluation.models import BenchmarkRun
-        except ImportError:
-            BenchmarkRun = None
-        if BenchmarkRun is not None:
-            try:
-                from django.utils import timezone as dj_timezone
+        from evaluation.records import record_index_scale
 
-                names = {f.name for f in BenchmarkRun._meta.get_fields()}
-                now = dj_timezone.now()
-                values = {
-                    "kind": "index-scale",
-                    "extra": result,
-                    "dataset": "synthetic",
-                    "dataset_path": f"clustered-sphere n={result['n']} dim={result['dim']} seed={result['data']['seed']}",
-                    "gallery_images": result["n"],
-                    "index_backend": result["backend"],
-                    "index_params": result["params"],
-                    "machine": result["machine"],
-                    "status": "succeeded",
-                    "progress": 100,
-                    "stage": "manage.py bench_index",
-                    "started": now - timedelta(seconds=result["build_seconds"] + result["ground_truth_seconds"]),
-                    "finished": now,
-                }
-                run = BenchmarkRun.objects.create(**{k: v for k, v in values.items() if k in names})
-                self.stdout.write(f"stored as benchmark run {run.pk} (kind index-scale)")
-                return
-            except Exception as exc:  # the history model has other required fields
-                self.stderr.write(f"could not store in the benchmark history ({exc}); writing JSON instead")
+        try:
+            run = record_index_scale(result)
+            self.stdout.write(f"stored as benchmark run {run.pk} (kind index-scale)")
+            return
+        except Exception as exc:  # the figures are not lost when the database refuses them
+            self.stderr.write(f"could not store in the benchmark history ({exc}); writing JSON instead")
         folder = Path(settings.STATE_DIR) / "benchmarks"
         folder.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")

@@ -991,5 +991,5 @@ class Command(BaseCommand):
             return
         from evaluation.records import record_query_latency
 
-        run = record_query_latency(json.loads(text), model=model, index_backend=settings.VECTOR_INDEX_BACKEND)
+        run = record_query_latency(json.loads(text), model=model)
         self.stdout.write(f"Stored as benchmark run #{run.pk} (kind query-latency).")
