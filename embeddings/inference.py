@@ -226,7 +226,7 @@ class TorchTower:
             with torch.inference_mode():
                 static_in.copy_(torch.from_numpy(np.ascontiguousarray(batch)), non_blocking=False)
                 graph.replay()
-                return static_out.cpu().numpy().astype(np.float32, copy=True)
+                return static_out.cpu().numpy()  # a host copy: the static buffer is not shared
 
     def _capture(self, shape):
         import torch

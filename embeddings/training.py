@@ -417,7 +417,7 @@ def _build_model(config: TrainConfig, train_texts: list[str], out_dir: Path):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         model = SiglipModel(model_config)
-        _custom_init(model, tokenizer, config)
+        _custom_init(model, config)
     init_logit_parameters(
         model,
         INIT_LOGIT_SCALE if config.init_logit_scale is None else config.init_logit_scale,
@@ -427,7 +427,7 @@ def _build_model(config: TrainConfig, train_texts: list[str], out_dir: Path):
 
 
 @torch.no_grad()
-def _custom_init(model, tokenizer, config: TrainConfig) -> None:
+def _custom_init(model, config: TrainConfig) -> None:
     """The from-scratch initialisation options of ``config`` (see :class:`TrainConfig`)."""
     if config.vision_position_init_std is not None:
         torch.nn.init.normal_(model.vision_model.embeddings.position_embedding.weight,
