@@ -18,6 +18,7 @@ import numpy as np
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection, transaction
+from django.db.models import OuterRef, Subquery
 
 from embeddings.models import Embedding, EmbeddingModel
 
@@ -62,6 +63,26 @@ def latest_build(model: EmbeddingModel, modality: str) -> IndexBuild | None:
         .order_by("-version")
         .first()
     )
+
+
+_UNKNOWN = object()
+
+
+def version_attribute(modality: str) -> str:
+    return f"latest_{str(modality)}_version"
+
+
+def with_latest_versions(models):
+    """``models`` (an ``EmbeddingModel`` queryset) annotated with the newest ready
+    index version of each modality, so a search needs no query of its own for it."""
+    return models.annotate(**{
+        version_attribute(modality): Subquery(
+            IndexBuild.objects.filter(model=OuterRef("pk"), modality=modality, status=IndexBuild.Status.READY)
+            .order_by("-version")
+            .values("version")[:1]
+        )
+        for modality in MODALITIES
+    })
 
 
 def _index_dir(model: EmbeddingModel, modality: str) -> Path:
@@ -219,19 +240,24 @@ class LoadedIndices:
         self._loaded: dict[tuple[int, str], tuple[int, VectorIndex]] = {}
 
     def get(self, model: EmbeddingModel, modality: str) -> VectorIndex | None:
-        build = latest_build(model, modality)
+        """The newest ready version's index. A model fetched with
+        ``with_latest_versions`` carries that version already (no query here)."""
+        version = getattr(model, version_attribute(modality), _UNKNOWN)
+        if version is _UNKNOWN:
+            build = latest_build(model, modality)
+            version = build.version if build is not None else None
         key = (model.pk, modality)
         current = self._loaded.get(key)
-        if build is None:
+        if version is None:
             return None
-        if current is not None and current[0] == build.version:
+        if current is not None and current[0] == version:
             return current[1]
         with self._lock:
             current = self._loaded.get(key)
-            if current is not None and current[0] == build.version:
+            if current is not None and current[0] == version:
                 return current[1]
             index, loaded_build = _load_latest_valid(model, modality)
-            if loaded_build is None or loaded_build.version != build.version:
+            if loaded_build is None or loaded_build.version != version:
                 # The newest version was torn or missing: serve the last good one and have a
                 # worker write a fresh version from Postgres.
                 schedule_index_sync(model.pk)

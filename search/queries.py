@@ -7,12 +7,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from django.conf import settings
+from django.contrib.postgres.expressions import ArraySubquery
+from django.db.models import OuterRef
 
 from embeddings.models import Embedding, EmbeddingModel
-from embeddings.services import active_model, encoder_for
+from embeddings.services import NoActiveModel, encoder_for
 
 from . import querycache
-from .indexing import loaded_indices
+from .indexing import loaded_indices, with_latest_versions
 from .models import Caption, ImageAsset, IndexBuild
 
 TEXT_QUERY_MAX_CHARS = 1000
@@ -81,8 +83,19 @@ def _nearest(model, modality, vector: np.ndarray, k: int, queryset):
         fetch = min(total, fetch * 2 + (k - len(hits)))
 
 
+def active_model() -> EmbeddingModel:
+    """The active model with its newest index versions: one query per search."""
+    model = with_latest_versions(EmbeddingModel.objects.filter(is_active=True)).first()
+    if model is None:
+        raise NoActiveModel()
+    return model
+
+
 def _assets():
-    return ImageAsset.objects.prefetch_related("captions")
+    """Image rows with their caption texts (``caption_texts``, in caption order)
+    gathered by the same query."""
+    captions = Caption.objects.filter(asset=OuterRef("pk")).order_by("id").values("text")
+    return ImageAsset.objects.annotate(caption_texts=ArraySubquery(captions))
 
 
 def search_text(query, k=10) -> SearchResult:

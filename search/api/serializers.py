@@ -4,6 +4,11 @@ from rest_framework import serializers
 from search.models import Caption, ImageAsset
 
 
+def caption_texts(asset) -> list[str]:
+    texts = getattr(asset, "caption_texts", None)  # gathered with the row by a search
+    return list(texts) if texts is not None else [c.text for c in asset.captions.all()]
+
+
 class CaptionSerializer(serializers.ModelSerializer):
     class Meta:
         model = Caption
@@ -26,7 +31,7 @@ class AssetSerializer(serializers.ModelSerializer):
         return request.build_absolute_uri(url) if request else url
 
     def get_captions(self, asset) -> list[str]:
-        return [c.text for c in asset.captions.all()]
+        return caption_texts(asset)
 
 
 class AssetUploadSerializer(serializers.Serializer):
@@ -82,3 +87,43 @@ class ImageSearchResponseSerializer(serializers.Serializer):
     images = ImageHitSerializer(many=True)
     took_ms = serializers.FloatField()
     model = serializers.CharField()
+
+
+# Search answers are built without the serializer machinery above (instantiating
+# nested serializers and their fields costs more than the rest of a cached search);
+# the classes above still describe them in the API schema, and the tests check that
+# both give the same JSON.
+_created = serializers.DateTimeField()
+
+
+def asset_data(asset, absolute_url) -> dict:
+    return {
+        "id": asset.pk,
+        "image_url": absolute_url(asset.file.url),
+        "captions": caption_texts(asset),
+        "width": asset.width,
+        "height": asset.height,
+        "format": asset.format,
+        "sha256": asset.sha256,
+        "collection": asset.collection,
+        "status": asset.status,
+        "error": asset.error,
+        "created": _created.to_representation(asset.created),
+    }
+
+
+def search_response(result, request, *, captions: bool) -> dict:
+    """The JSON of a text search (``captions=False``) or an image search."""
+    absolute_url = request.build_absolute_uri if request is not None else str
+    body = {}
+    if captions:
+        body["captions"] = [
+            {"id": hit.caption.pk, "text": hit.caption.text, "asset_id": hit.caption.asset_id, "score": hit.score}
+            for hit in result.captions
+        ]
+    body["images" if captions else "results"] = [
+        {"asset": asset_data(hit.asset, absolute_url), "score": hit.score} for hit in result.images
+    ]
+    body["took_ms"] = result.took_ms
+    body["model"] = result.model.name
+    return body

@@ -91,11 +91,7 @@ class TextSearchView(APIView):
         params.is_valid(raise_exception=True)
         result = queries.search_text(params.validated_data["query"], params.validated_data["k"])
         searched = time.perf_counter()
-        data = s.TextSearchResponseSerializer(
-            {"results": result.images, "took_ms": result.took_ms, "model": result.model.name},
-            context={"request": request},
-        ).data
-        return _timed(Response(data), result, started, searched)
+        return _timed(Response(s.search_response(result, request, captions=False)), result, started, searched)
 
 
 class ImageSearchView(APIView):
@@ -118,9 +114,4 @@ class ImageSearchView(APIView):
         else:
             result = queries.search_asset(data["asset_id"], data["k"])
         searched = time.perf_counter()
-        body = s.ImageSearchResponseSerializer(
-            {"captions": result.captions, "images": result.images, "took_ms": result.took_ms,
-             "model": result.model.name},
-            context={"request": request},
-        ).data
-        return _timed(Response(body), result, started, searched)
+        return _timed(Response(s.search_response(result, request, captions=True)), result, started, searched)
