@@ -91,7 +91,7 @@ def active_model() -> EmbeddingModel:
     return model
 
 
-def _assets():
+def assets_for_hits():
     """Image rows with their caption texts (``caption_texts``, in caption order)
     gathered by the same query."""
     captions = Caption.objects.filter(asset=OuterRef("pk")).order_by("id").values("text")
@@ -106,7 +106,7 @@ def search_text(query, k=10) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
-    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, _assets())
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, assets_for_hits())
     done = time.perf_counter()
     return SearchResult(
         model=model,
@@ -119,7 +119,7 @@ def search_text(query, k=10) -> SearchResult:
 
 def _image_results(model, vector, k, started, encoded) -> SearchResult:
     captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, Caption.objects.all())
-    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, _assets())
+    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, assets_for_hits())
     done = time.perf_counter()
     return SearchResult(
         model=model,

@@ -114,10 +114,11 @@ def recall_at_k(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.mean(hits) / k)
 
 
-def rss_bytes() -> int:
+def rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident set (``VmHWM``: its peak so far)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -241,7 +242,10 @@ class Command(BaseCommand):
                 index.add(np.arange(start, stop, dtype=np.int64), data.chunk(start, stop))
                 bar.update(stop - start)
         build_s = time.perf_counter() - build_started
-        memory = {"rss_growth_bytes": max(0, rss_bytes() - rss_before)}
+        growth = max(0, rss_bytes() - rss_before)
+        memory = {"rss_growth_bytes": growth, "bytes_per_vector": round(growth / n, 1),
+                  # includes the chunk of generated vectors being added
+                  "peak_rss_growth_bytes": max(0, rss_bytes("VmHWM") - rss_before)}
         if backend == "pgvector":
             memory.update(self._pg_sizes(index))
 
@@ -312,7 +316,8 @@ class Command(BaseCommand):
         mem = result["memory"]
         line = (
             f"build {result['build_seconds']:.1f} s (training {result['train_seconds']:.1f} s), "
-            f"RSS growth {mem['rss_growth_bytes'] / gib:.2f} GiB"
+            f"RSS growth {mem['rss_growth_bytes'] / gib:.2f} GiB ({mem['bytes_per_vector']:.0f} B per vector; "
+            f"peak {mem['peak_rss_growth_bytes'] / gib:.2f} GiB while adding)"
         )
         if "table_bytes" in mem:
             line += f", table {mem['table_bytes'] / gib:.2f} GiB, HNSW index {mem['index_bytes'] / gib:.2f} GiB"
