@@ -133,10 +133,14 @@ class ImageInfo:
     width: int
     height: int
     format: str
+    image: Image.Image | None = field(default=None, repr=False, compare=False)  # with keep_decoded
 
 
-def inspect_image(data: bytes) -> ImageInfo:
-    """Check by decoding, not by name: size caps, pixel cap, allowed formats, complete data."""
+def inspect_image(data: bytes, *, keep_decoded: bool = False) -> ImageInfo:
+    """Check by decoding, not by name: size caps, pixel cap, allowed formats, complete data.
+
+    With ``keep_decoded`` the decoded (first frame of the) image comes back in
+    ``ImageInfo.image``, so a search need not decode the upload a second time."""
     if not data:
         raise InvalidUpload("The file is empty.")
     if len(data) > settings.UPLOAD_MAX_BYTES:
@@ -158,6 +162,7 @@ def inspect_image(data: bytes) -> ImageInfo:
             if width < 1 or height < 1:
                 raise InvalidUpload("The file is not a readable image: it has no pixels.")
             img.load()  # decodes the first frame fully: truncated files fail here
+            kept = img.copy() if keep_decoded else None  # the decoded pixels outlive the file
     except InvalidUpload:
         raise
     except Image.DecompressionBombError as exc:
@@ -168,7 +173,7 @@ def inspect_image(data: bytes) -> ImageInfo:
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError, struct_error) as exc:
         raise InvalidUpload(f"The file is not a readable image: it is truncated or damaged ({exc}).") from exc
-    return ImageInfo(width=width, height=height, format=fmt)
+    return ImageInfo(width=width, height=height, format=fmt, image=kept)
 
 
 def clean_captions(captions) -> list[str]:

@@ -135,10 +135,10 @@ def search_image(data: bytes, k=10) -> SearchResult:
     from .ingest import inspect_image
 
     k = validate_k(k)
-    inspect_image(data)
+    decoded = inspect_image(data, keep_decoded=True).image
     started = time.perf_counter()
     model = active_model()
-    vector = encoder_for(model).encode_images([data])[0]
+    vector = encoder_for(model).encode_images([decoded])[0]
     return _image_results(model, vector, k, started, time.perf_counter())
 
 

@@ -102,3 +102,32 @@ def test_a_new_index_version_is_served_by_the_next_search(gallery, tiny_model):
     indexing.sync_indices(tiny_model)
     after = {hit.asset.pk for hit in queries.search_text("a colour", k=10).images}
     assert after == before | {late.pk}
+
+
+def _jpeg_turned_by_exif() -> bytes:
+    import io
+
+    from PIL import Image
+
+    picture = Image.new("RGB", (40, 20), (250, 0, 0))
+    picture.paste((0, 0, 250), (20, 0, 40, 20))  # left red, right blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees clockwise
+    out = io.BytesIO()
+    picture.save(out, "JPEG", exif=exif.tobytes(), quality=95)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("data", [_jpeg_turned_by_exif(), image_bytes(fmt="GIF"), image_bytes(fmt="PNG")],
+                         ids=["jpeg-exif", "gif", "png"])
+def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
+    import numpy as np
+
+    from embeddings.siglip import load_image
+    from search.ingest import inspect_image
+
+    kept = inspect_image(data, keep_decoded=True).image
+    assert inspect_image(data).image is None
+    np.testing.assert_array_equal(np.asarray(load_image(kept)), np.asarray(load_image(data)))
+    if data[:2] == b"\xff\xd8":
+        assert load_image(kept).size == (20, 40), "EXIF orientation kept"

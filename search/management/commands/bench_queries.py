@@ -773,8 +773,9 @@ class Command(BaseCommand):
             timed("text.serialise", lambda: JSONRenderer().render(s.search_response(
                 SearchResult(model=model, images=hits), None, captions=False)))
         for _ in range(6):
-            timed("image.validate", lambda: inspect_image(jpeg))  # the upload check decodes it once
-            rgb = timed("image.decode", lambda: load_image(jpeg))
+            # The upload check decodes it (once) and hands the pixels on.
+            checked = timed("image.validate", lambda: inspect_image(jpeg, keep_decoded=True))
+            rgb = timed("image.to_rgb", lambda: load_image(checked.image))
             pixels = timed("image.preprocess", lambda: encoder.preprocessor([rgb]))
             vector = timed("image.tower", lambda: encoder.encode_pixels(pixels)[0])
             c_ids, c_scores = timed("image.caption_search", lambda: caption_index.search(vector.reshape(1, -1), TOP_K))
