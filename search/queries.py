@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 from django.conf import settings
-from django.contrib.postgres.expressions import ArraySubquery
-from django.db.models import OuterRef
 
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import NoActiveModel, encoder_for
@@ -62,8 +61,9 @@ def clean_text_query(query) -> str:
     return query.strip()[:TEXT_QUERY_MAX_CHARS]
 
 
-def _nearest(model, modality, vector: np.ndarray, k: int, queryset):
-    """Top-k rows that still exist in Postgres, best first.
+def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows):
+    """Top-k rows that still exist in Postgres, best first (``fetch_rows(ids)`` ->
+    ``{id: row}``).
 
     Rows deleted since the index was written are skipped (and the search widened),
     so a deletion disappears from results at once.
@@ -76,26 +76,46 @@ def _nearest(model, modality, vector: np.ndarray, k: int, queryset):
     while True:
         ids, scores = index.search(vector.reshape(1, -1), fetch)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
-        rows = queryset.in_bulk([i for i, _ in pairs])
+        rows = fetch_rows([i for i, _ in pairs])
         hits = [(rows[i], s) for i, s in pairs if i in rows]
         if len(hits) >= k or fetch >= total:
             return hits[:k]
         fetch = min(total, fetch * 2 + (k - len(hits)))
 
 
+# The two queries of a search are sent as SQL written once per process: building them
+# through the ORM on every search cost more than running them (measured: 0.76 and
+# 0.53 ms of Python against 0.19 and 0.28 ms in PostgreSQL).
+
+
+@functools.cache
+def _active_model_sql() -> tuple[str, tuple]:
+    models = with_latest_versions(EmbeddingModel.objects.filter(is_active=True)).order_by("pk")[:1]
+    return models.query.sql_with_params()
+
+
 def active_model() -> EmbeddingModel:
     """The active model with its newest index versions: one query per search."""
-    model = with_latest_versions(EmbeddingModel.objects.filter(is_active=True)).first()
+    sql, params = _active_model_sql()
+    model = next(iter(EmbeddingModel.objects.raw(sql, params)), None)
     if model is None:
         raise NoActiveModel()
     return model
 
 
-def assets_for_hits():
-    """Image rows with their caption texts (``caption_texts``, in caption order)
-    gathered by the same query."""
-    captions = Caption.objects.filter(asset=OuterRef("pk")).order_by("id").values("text")
-    return ImageAsset.objects.annotate(caption_texts=ArraySubquery(captions))
+def fetch_assets(ids) -> dict[int, ImageAsset]:
+    """Image rows by id, each with its caption texts (``caption_texts``, in caption
+    order) gathered by the same query."""
+    sql = (
+        f"SELECT a.*, ARRAY(SELECT c.text FROM {Caption._meta.db_table} c WHERE c.asset_id = a.id "
+        f"ORDER BY c.id) AS caption_texts FROM {ImageAsset._meta.db_table} a WHERE a.id = ANY(%s)"
+    )
+    return {row.pk: row for row in ImageAsset.objects.raw(sql, [list(ids)])}
+
+
+def fetch_captions(ids) -> dict[int, Caption]:
+    sql = f"SELECT * FROM {Caption._meta.db_table} WHERE id = ANY(%s)"
+    return {row.pk: row for row in Caption.objects.raw(sql, [list(ids)])}
 
 
 def search_text(query, k=10) -> SearchResult:
@@ -106,7 +126,7 @@ def search_text(query, k=10) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
-    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, assets_for_hits())
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets)
     done = time.perf_counter()
     return SearchResult(
         model=model,
@@ -118,8 +138,8 @@ def search_text(query, k=10) -> SearchResult:
 
 
 def _image_results(model, vector, k, started, encoded) -> SearchResult:
-    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, Caption.objects.all())
-    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, assets_for_hits())
+    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, fetch_captions)
+    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets)
     done = time.perf_counter()
     return SearchResult(
         model=model,

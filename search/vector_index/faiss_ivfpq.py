@@ -48,10 +48,11 @@ Parameters (all optional):
     product-quantizer sub-vectors and bits per sub-vector code.
 ``opq`` (false)
     learn an OPQ rotation before the product quantizer.
-``refine`` ("sq6"), ``refine_residual`` (true), ``k_factor`` (16)
+``refine`` ("sq6"), ``refine_residual`` (true), ``k_factor`` (32)
     re-ranking code ("none", "sq4", "sq6", "sq8", "fp16", "flat"), whether it
     encodes the difference from the list centroid, and how many candidates per
-    wanted result are re-scored (search parameter).
+    wanted result are re-scored (search parameter; at 10M rows recall@10 was
+    0.918 with 16 and 0.945 with 32).
 ``quantizer`` ("hnsw")
     coarse quantizer: "hnsw" (fast assignment for large ``nlist``; also used
     to assign rows during k-means) or "flat".
@@ -88,7 +89,7 @@ DEFAULTS = {
     "opq": False,
     "refine": "sq6",
     "refine_residual": True,
-    "k_factor": 16,
+    "k_factor": 32,
     "quantizer": "hnsw",
     "train_size": 200_000,
 }
@@ -267,15 +268,16 @@ class FaissIVFPQIndex(VectorIndex):
         """Store codes in new rows; returns their row numbers."""
         n, need = self._n_rows, self._n_rows + len(codes)
         if need > len(self._codes) or not self._codes.flags.writeable or not self._codes.flags.owndata:
-            capacity = max(need, int(len(self._codes) * 1.25) + 1024)
+            # Exactly the rows needed: numpy zero-fills spare capacity, which would then
+            # be resident memory for nothing.
             if self._codes.flags.owndata and self._codes.flags.writeable and self._codes.shape[1:] == codes.shape[1:]:
-                # realloc: large arrays grow in place (no second copy while growing)
-                self._codes.resize((capacity, codes.shape[1]), refcheck=False)
-                self._lists.resize(capacity, refcheck=False)
+                # realloc: a large array grows by remapping its pages, not by copying them
+                self._codes.resize((need, codes.shape[1]), refcheck=False)
+                self._lists.resize(need, refcheck=False)
             else:  # first rows, or rows still mapped from a loaded file
-                grown = np.empty((capacity, codes.shape[1]), dtype=np.uint8)
+                grown = np.empty((need, codes.shape[1]), dtype=np.uint8)
                 grown[:n] = self._codes[:n]
-                lists_grown = np.empty(capacity, dtype=np.int32)
+                lists_grown = np.empty(need, dtype=np.int32)
                 lists_grown[:n] = self._lists[:n]
                 self._codes, self._lists = grown, lists_grown
         self._codes[n:need] = codes

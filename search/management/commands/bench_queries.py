@@ -747,8 +747,8 @@ class Command(BaseCommand):
         from search.api import serializers as s
         from search.indexing import loaded_indices
         from search.ingest import inspect_image
-        from search.models import Caption, IndexBuild
-        from search.queries import CaptionHit, ImageHit, SearchResult, active_model, assets_for_hits
+        from search.models import IndexBuild
+        from search.queries import CaptionHit, ImageHit, SearchResult, active_model, fetch_assets, fetch_captions
 
         encoder = self._encoder(model)
         image_index = loaded_indices.get(model, IndexBuild.Modality.IMAGE)
@@ -768,7 +768,7 @@ class Command(BaseCommand):
             ids = timed("text.tokenize", lambda: encoder.token_ids([text]))
             vector = timed("text.tower", lambda: encoder.encode_token_ids(ids)[0])
             found, scores = timed("text.index_search", lambda: image_index.search(vector.reshape(1, -1), TOP_K))
-            rows = timed("text.hydrate", lambda: assets_for_hits().in_bulk([int(i) for i in found[0]]))
+            rows = timed("text.hydrate", lambda: fetch_assets([int(i) for i in found[0]]))
             hits = [ImageHit(rows[int(i)], float(sc)) for i, sc in zip(found[0], scores[0]) if int(i) in rows]
             timed("text.serialise", lambda: JSONRenderer().render(s.search_response(
                 SearchResult(model=model, images=hits), None, captions=False)))
@@ -780,8 +780,8 @@ class Command(BaseCommand):
             vector = timed("image.tower", lambda: encoder.encode_pixels(pixels)[0])
             c_ids, c_scores = timed("image.caption_search", lambda: caption_index.search(vector.reshape(1, -1), TOP_K))
             i_ids, i_scores = timed("image.image_search", lambda: image_index.search(vector.reshape(1, -1), TOP_K))
-            c_rows = timed("image.hydrate", lambda: Caption.objects.in_bulk([int(i) for i in c_ids[0]]))
-            i_rows = timed("image.hydrate", lambda: assets_for_hits().in_bulk([int(i) for i in i_ids[0]]))
+            c_rows = timed("image.hydrate", lambda: fetch_captions([int(i) for i in c_ids[0]]))
+            i_rows = timed("image.hydrate", lambda: fetch_assets([int(i) for i in i_ids[0]]))
             captions = [CaptionHit(c_rows[int(i)], float(sc)) for i, sc in zip(c_ids[0], c_scores[0]) if int(i) in c_rows]
             images = [ImageHit(i_rows[int(i)], float(sc)) for i, sc in zip(i_ids[0], i_scores[0]) if int(i) in i_rows]
             timed("image.serialise", lambda: JSONRenderer().render(s.search_response(
