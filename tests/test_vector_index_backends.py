@@ -758,3 +758,24 @@ def test_bench_index_command_prints_a_recall_latency_table():
     assert len(rows) == 4
     recalls = [float(line.split("|")[1]) for line in rows]
     assert max(recalls) >= 0.9
+
+
+def test_bench_index_refine_study_ranks_the_codes_by_precision():
+    from django.conf import settings
+
+    if not settings.configured:
+        pytest.skip("management commands need Django settings (run under bin/test)")
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("bench_index", backend="faiss-ivfpq", n=3000, dim=DIM, queries=30, clusters=16,
+                 params='{"nlist": 16, "nprobe": 16, "pq_m": 8, "train_size": 1000}', sweep="nprobe=16",
+                 refine_study=8, no_store=True, stdout=out)
+    study = dict(line.strip().rsplit(": ", 1) for line in out.getvalue().splitlines()
+                 if line.startswith("  ") and ": " in line)
+    study = {name.strip(): float(value) for name, value in study.items()}
+    assert set(study) == {"PQ codes only", "sq6", "sq6 residual", "sq8", "sq8 residual", "flat"}
+    assert study["flat"] >= study["sq8"] >= study["PQ codes only"]
+    assert study["flat"] >= 0.9 > study["PQ codes only"]

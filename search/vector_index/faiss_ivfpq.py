@@ -139,6 +139,42 @@ def _top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.
     return np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
 
 
+def train_rerank_codec(kind: str, vectors: np.ndarray, centroids: np.ndarray | None = None):
+    """A trained codec for re-ranking codes of ``kind`` (``None`` for "flat": the
+    float32 bytes themselves). With ``centroids`` (each vector's list centroid) it
+    codes the differences, with ranges of mean ± 4 standard deviations."""
+    qtype = REFINE_TYPES[kind]
+    if qtype is None:
+        return None
+    dim = vectors.shape[1]
+    codec = faiss.IndexScalarQuantizer(dim, getattr(faiss.ScalarQuantizer, qtype), faiss.METRIC_INNER_PRODUCT)
+    if centroids is not None:
+        vectors = vectors - centroids
+        codec.sq.rangestat = getattr(faiss.ScalarQuantizer, RESIDUAL_RANGE[0])
+        codec.sq.rangestat_arg = RESIDUAL_RANGE[1]
+    codec.train(np.ascontiguousarray(vectors, dtype=np.float32))
+    return codec
+
+
+def encode_rerank(codec, vectors: np.ndarray, centroids: np.ndarray | None = None) -> np.ndarray:
+    """(n, code size) uint8 codes of ``vectors`` (of their differences from
+    ``centroids`` when given)."""
+    if codec is None:
+        return np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint8).reshape(len(vectors), -1)
+    if centroids is not None:
+        vectors = vectors - centroids
+    return codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+
+
+def decode_rerank(codec, codes: np.ndarray, dim: int, centroids: np.ndarray | None = None) -> np.ndarray:
+    if codec is None:
+        return np.ascontiguousarray(codes).view(np.float32).reshape(len(codes), dim)
+    vectors = codec.sa_decode(np.ascontiguousarray(codes))
+    if centroids is not None:
+        vectors += centroids
+    return vectors
+
+
 class _OneThread:
     """Run FAISS on the calling thread only. A few hundred rows decode in
     microseconds, while starting OpenMP threads for them costs milliseconds (much
@@ -236,33 +272,15 @@ class FaissIVFPQIndex(VectorIndex):
         return self._ivf().quantizer.reconstruct_batch(lists.astype(np.int64))
 
     def _build_codec(self, vectors: np.ndarray, lists: np.ndarray | None):
-        qtype = REFINE_TYPES[self.params["refine"]]
-        if qtype is None:
-            return None
-        codec = faiss.IndexScalarQuantizer(self.dim, getattr(faiss.ScalarQuantizer, qtype),
-                                           faiss.METRIC_INNER_PRODUCT)
-        if lists is not None:
-            vectors = vectors - self._centroids(lists)
-            codec.sq.rangestat = getattr(faiss.ScalarQuantizer, RESIDUAL_RANGE[0])
-            codec.sq.rangestat_arg = RESIDUAL_RANGE[1]
-        codec.train(np.ascontiguousarray(vectors, dtype=np.float32))
-        return codec
+        centroids = self._centroids(lists) if lists is not None else None
+        return train_rerank_codec(self.params["refine"], vectors, centroids)
 
     def _encode_rows(self, vectors: np.ndarray, lists: np.ndarray) -> np.ndarray:
-        if self._codec is None:
-            return np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint8).reshape(len(vectors), -1)
-        if self._residual:
-            vectors = vectors - self._centroids(lists)
-        return self._codec.sa_encode(np.ascontiguousarray(vectors, dtype=np.float32))
+        return encode_rerank(self._codec, vectors, self._centroids(lists) if self._residual else None)
 
     def _decode_rows(self, rows: np.ndarray) -> np.ndarray:
-        codes = self._codes[rows]
-        if self._codec is None:
-            return codes.view(np.float32).reshape(len(rows), self.dim)
-        vectors = self._codec.sa_decode(codes)
-        if self._residual:
-            vectors += self._centroids(self._lists[rows])
-        return vectors
+        centroids = self._centroids(self._lists[rows]) if self._residual else None
+        return decode_rerank(self._codec, self._codes[rows], self.dim, centroids)
 
     def _append_rows(self, codes: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """Store codes in new rows; returns their row numbers."""
@@ -492,6 +510,23 @@ class FaissIVFPQIndex(VectorIndex):
             block_scores = np.einsum("qkd,qd->qk", gathered, in_ivf[start : start + chunk])
             scores[start : start + chunk] = np.where(valid, block_scores, -np.inf)
         return scores
+
+    def candidates(self, queries, n: int) -> np.ndarray:
+        """Ids of the ``n`` best PQ candidates per query, before any re-ranking
+        (trained index only; for studying re-ranking codes)."""
+        if self._index is None:
+            raise VectorIndexError("the index is not trained yet")
+        queries = as_vectors(queries, self.dim, allow_single=True)
+        params, _keep = self._search_params()
+        return self._index.search(queries, int(n), params=params)[1]
+
+    def list_centroids(self, vectors) -> np.ndarray:
+        """The centroid of the inverted list each vector falls into, in the lists'
+        space (what residual re-ranking codes are taken from)."""
+        if self._index is None:
+            raise VectorIndexError("the index is not trained yet")
+        in_ivf = self._ivf_space(as_vectors(vectors, self.dim))
+        return self._centroids(self._assign(in_ivf))
 
     def count(self) -> int:
         return int(len(self._sorted_ids))

@@ -178,6 +178,9 @@ class Command(BaseCommand):
         parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
         parser.add_argument("--keep-table", action="store_true", help="pgvector: keep the benchmark table")
         parser.add_argument("--no-store", action="store_true", help="print only; store nothing")
+        parser.add_argument("--refine-study", type=int, default=None, metavar="K_FACTOR",
+                            help="faiss-ivfpq: build without re-ranking, then re-score the same k × K_FACTOR "
+                                 "PQ candidates with each re-ranking code and report recall@k per code")
 
     # -- main --------------------------------------------------------------------
 
@@ -212,6 +215,10 @@ class Command(BaseCommand):
             faiss.omp_set_num_threads(opts["threads"])
         if backend == "pgvector":
             params = cls.params_for_scope(params, f"bench_{n}_{dim}")
+        if opts["refine_study"] is not None:
+            if backend != "faiss-ivfpq":
+                raise CommandError("--refine-study is for the faiss-ivfpq backend")
+            params = {**params, "refine": "none"}
 
         data = ClusteredSphere(dim, opts["clusters"], opts["spread"], opts["seed"])
         queries = data.queries(opts["queries"])
@@ -255,6 +262,10 @@ class Command(BaseCommand):
                 index.set_search_params(**combo)
             rows.append(self._measure(index, queries, truth, k, combo))
 
+        study = None
+        if opts["refine_study"] is not None:
+            study = self._refine_study(index, data, n, queries, truth, k, opts["refine_study"],
+                                       min(n, opts["train_size"] or index.params["train_size"]))
         result = {
             "backend": backend,
             "params": index.params,
@@ -269,6 +280,7 @@ class Command(BaseCommand):
             "ground_truth_seconds": round(truth_s, 2),
             "memory": memory,
             "sweep": rows,
+            **({"refine_study": study} if study is not None else {}),
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
             "finished": datetime.now(timezone.utc).isoformat(),
         }
@@ -299,6 +311,40 @@ class Command(BaseCommand):
             "p95_ms": round(float(np.percentile(latencies, 95)) * 1e3, 3),
             "mean_ms": round(float(latencies.mean()) * 1e3, 3),
         }
+
+    def _refine_study(self, index, data, n, queries, truth, k, k_factor, sample_size) -> dict:
+        """Recall@k of the same PQ candidates re-scored with each re-ranking code."""
+        from search.vector_index.faiss_ivfpq import decode_rerank, encode_rerank, train_rerank_codec
+
+        candidates = index.candidates(queries, k * k_factor)
+        wanted = np.unique(candidates[candidates >= 0])
+        vectors = np.empty((len(wanted), data.dim), dtype=np.float32)
+        for start, stop in chunks(n):  # regenerate the candidates' rows
+            inside = (wanted >= start) & (wanted < stop)
+            if inside.any():
+                vectors[inside] = data.chunk(start, stop)[wanted[inside] - start]
+        sample = data.chunk(0, sample_size)
+        sample_centroids, centroids = index.list_centroids(sample), index.list_centroids(vectors)
+        rows = np.searchsorted(wanted, np.where(candidates >= 0, candidates, wanted[0]))
+
+        def recall_with(decoded):
+            scores = np.einsum("qcd,qd->qc", decoded[rows], queries)
+            scores[candidates < 0] = -np.inf
+            top = np.take_along_axis(candidates, np.argsort(-scores, axis=1)[:, :k], axis=1)
+            return round(recall_at_k(top, truth), 4)
+
+        out = {"k_factor": k_factor, "PQ codes only": round(recall_at_k(candidates[:, :k], truth), 4)}
+        for kind in ("sq6", "sq8", "flat"):
+            for residual in (False, True) if kind != "flat" else (False,):
+                codec = train_rerank_codec(kind, sample, sample_centroids if residual else None)
+                base = centroids if residual else None
+                decoded = decode_rerank(codec, encode_rerank(codec, vectors, base), data.dim, base)
+                out[f"{kind}{' residual' if residual else ''}"] = recall_with(decoded)
+        self.stdout.write(f"re-ranking codes, the same {k * k_factor} PQ candidates per query (recall@{k}):")
+        for name, value in out.items():
+            if name != "k_factor":
+                self.stdout.write(f"  {name:>14}: {value:.4f}")
+        return out
 
     def _pg_sizes(self, index) -> dict:
         conn = index._connection()
