@@ -15,11 +15,11 @@ The scalar-quantizer codes (and ``fp16``) encode a row's difference from the
 centroid of its list (``refine_residual``, on by default) rather than the row:
 the differences span a much smaller range than the rows, so the same bits give
 finer steps; their ranges span four standard deviations either side of the
-mean, so a few outliers do not stretch them. Measured on 1M clustered 768-d vectors (nlist
-4096, k_factor 16, the same candidates re-ranked each way): recall@10 0.963
-with residual ``sq6`` (the default) against 0.942 for plain ``sq6``, 0.977
-for plain ``sq8``, 0.981 for residual ``sq8`` and 0.999 exact; PQ codes alone
-reach 0.52.
+mean, so a few outliers do not stretch them. Measured on 1M clustered 768-d
+vectors (``bench_index --refine-study 16``: nlist 4096, the same 160 candidates
+re-ranked each way): recall@10 0.959 with residual ``sq6`` (the default)
+against 0.940 for plain ``sq6``, 0.974 for plain ``sq8``, 0.980 for residual
+``sq8`` and 0.996 exact; PQ codes alone reach 0.515.
 
 Memory per row: ``pq_m`` bytes of PQ code and 8 of id in the inverted lists,
 the re-ranking code (576 bytes for ``sq6`` at 768 dimensions), 4 for its list
@@ -102,8 +102,8 @@ REFINE_TYPES = {
     "sq4": "QT_4bit",
 }
 # Residual code ranges: mean ± 4 standard deviations per dimension (minimum and
-# maximum waste steps on rare outliers; measured on 250k clustered 768-d rows,
-# residual sq6 re-ranks to recall@10 0.976 this way against 0.963 with min-max).
+# maximum waste steps on rare outliers; on 250k clustered 768-d rows residual sq6
+# re-ranked to recall@10 0.976 this way against 0.961 with min-max).
 RESIDUAL_RANGE = ("RS_meanstd", 4.0)
 MIN_POINTS_PER_LIST = 39
 KMEANS_ITERATIONS = 10
