@@ -739,7 +739,8 @@ def test_pgvector_checks_its_parameters(bad):
 # --------------------------------------------------------------------------
 
 
-def test_bench_index_command_prints_a_recall_latency_table():
+def bench_index(**options) -> str:
+    """What ``manage.py bench_index`` prints for a small IVF-PQ run."""
     from django.conf import settings
 
     if not settings.configured:
@@ -749,10 +750,14 @@ def test_bench_index_command_prints_a_recall_latency_table():
     from django.core.management import call_command
 
     out = io.StringIO()
-    call_command("bench_index", backend="faiss-ivfpq", n=3000, dim=DIM, queries=20, clusters=16,
-                 params='{"nlist": 16, "pq_m": 8, "train_size": 1000}', sweep="nprobe=4,16;k_factor=4,16",
-                 no_store=True, stdout=out)
-    text = out.getvalue()
+    call_command("bench_index", backend="faiss-ivfpq", n=3000, dim=DIM, clusters=16, no_store=True, stdout=out,
+                 **options)
+    return out.getvalue()
+
+
+def test_bench_index_command_prints_a_recall_latency_table():
+    text = bench_index(queries=20, params='{"nlist": 16, "pq_m": 8, "train_size": 1000}',
+                       sweep="nprobe=4,16;k_factor=4,16")
     assert "recall@10" in text and "nprobe, k_factor" in text
     rows = [line for line in text.splitlines() if line.count("|") == 4 and "recall" not in line]
     assert len(rows) == 4
@@ -761,20 +766,9 @@ def test_bench_index_command_prints_a_recall_latency_table():
 
 
 def test_bench_index_refine_study_ranks_the_codes_by_precision():
-    from django.conf import settings
-
-    if not settings.configured:
-        pytest.skip("management commands need Django settings (run under bin/test)")
-    import io
-
-    from django.core.management import call_command
-
-    out = io.StringIO()
-    call_command("bench_index", backend="faiss-ivfpq", n=3000, dim=DIM, queries=30, clusters=16,
-                 params='{"nlist": 16, "nprobe": 16, "pq_m": 8, "train_size": 1000}', sweep="nprobe=16",
-                 refine_study=8, no_store=True, stdout=out)
-    study = dict(line.strip().rsplit(": ", 1) for line in out.getvalue().splitlines()
-                 if line.startswith("  ") and ": " in line)
+    text = bench_index(queries=30, params='{"nlist": 16, "nprobe": 16, "pq_m": 8, "train_size": 1000}',
+                       sweep="nprobe=16", refine_study=8)
+    study = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if line.startswith("  ") and ": " in line)
     study = {name.strip(): float(value) for name, value in study.items()}
     assert set(study) == {"PQ codes only", "sq6", "sq6 residual", "sq8", "sq8 residual", "flat"}
     assert study["flat"] >= study["sq8"] >= study["PQ codes only"]
