@@ -12,6 +12,10 @@ Command line::
     python -m portal.localservices exec -- CMD ...   # start, run CMD with the URLs set, stop
     python -m portal.localservices up                 # start and print the URLs (kept running)
     python -m portal.localservices down               # stop servers left running
+
+A second process on the same folder (a management command while ``bin/run``
+serves, say) joins the servers already running and leaves them running when it
+ends; only the process that started them, or ``down``, stops them.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ class LocalServices:
         self.root = Path(self.root).resolve()
         self._pg = None
         self._valkey = None
+        self._joined = False  # the servers were already running: another process owns them
 
     @property
     def pgdata(self) -> Path:
@@ -153,13 +158,35 @@ class LocalServices:
             self._stop_stale_valkey()
 
     # Both -----------------------------------------------------------------
+    def running_urls(self) -> dict[str, str] | None:
+        """The URLs of servers started in this folder by another process, when both
+        still answer; None otherwise."""
+        import psycopg
+        import redis
+
+        try:
+            urls = json.loads(self.urls_file.read_text())
+            psycopg.connect(urls["DATABASE_URL"], connect_timeout=2).close()
+            redis.Redis.from_url(urls["REDIS_URL"], socket_connect_timeout=2, socket_timeout=2).ping()
+        except Exception:  # no file, a torn one, or servers gone: start them
+            return None
+        return urls
+
     def start(self) -> dict[str, str]:
+        """Start both servers, or join the ones another process (a running portal, a
+        long benchmark) started in this folder: ``stop`` then leaves those running."""
         self.root.mkdir(parents=True, exist_ok=True)
+        urls = self.running_urls()
+        if urls is not None:
+            self._joined = True
+            return urls
         urls = {"DATABASE_URL": self.start_postgres(), "REDIS_URL": self.start_valkey()}
         self.urls_file.write_text(json.dumps(urls, indent=2))
         return urls
 
     def stop(self) -> None:
+        if self._joined:
+            return
         self.urls_file.unlink(missing_ok=True)
         self.stop_valkey()
         self.stop_postgres()
