@@ -27,7 +27,9 @@ def kind_of(figures: dict) -> str:
         return BenchmarkRun.Kind.QUERY_LATENCY
     if {"busy_seconds", "images_per_second", "wall_seconds"} <= set(figures):
         return BenchmarkRun.Kind.INGESTION
-    raise ValueError("not the output of bench_queries or bench_ingest")
+    if {"backend", "sweep", "build_seconds", "ground_truth_seconds", "data"} <= set(figures):
+        return BenchmarkRun.Kind.INDEX_SCALE
+    raise ValueError("not the output of bench_queries, bench_ingest or bench_index")
 
 
 def _finished_run(kind: str, seconds, stage: str, **fields) -> BenchmarkRun:
@@ -102,4 +104,6 @@ def record_file_figures(figures: dict) -> BenchmarkRun:
     kind = kind_of(figures)
     if kind == BenchmarkRun.Kind.QUERY_LATENCY:
         return record_query_latency(figures)
+    if kind == BenchmarkRun.Kind.INDEX_SCALE:
+        return record_index_scale(figures)
     return record_ingestion(figures)

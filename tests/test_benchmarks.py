@@ -185,3 +185,18 @@ def test_the_index_benchmark_stores_its_figures_as_an_index_scale_run():
     assert run.gallery_images == 400 and run.index_backend == "faiss-flat" and run.index_params == {}
     assert run.extra["n"] == 400 and run.extra["sweep"][0]["recall@10"] == 1.0  # exact search
     assert run.finished >= run.started and run.machine == run.extra["machine"]
+
+
+@pytest.mark.django_db
+def test_an_index_benchmark_kept_as_json_joins_the_history(tmp_path):
+    import io
+    import json
+
+    out = io.StringIO()
+    call_command("bench_index", backend="faiss-flat", n=400, dim=16, queries=10, clusters=8, stdout=out)
+    figures = BenchmarkRun.objects.get(kind=BenchmarkRun.Kind.INDEX_SCALE).extra
+    kept = tmp_path / "index-scale.json"  # what the command writes when the database refuses the run
+    kept.write_text(json.dumps(figures))
+    call_command("record_benchmark", str(kept), stdout=out)
+    runs = BenchmarkRun.objects.filter(kind=BenchmarkRun.Kind.INDEX_SCALE).order_by("pk")
+    assert len(runs) == 2 and runs[1].extra == figures and runs[1].gallery_images == 400

@@ -3,8 +3,9 @@
     python manage.py record_benchmark results.json [more.json ...]
 
 Takes the ``--output`` JSON of ``bench_queries`` or ``bench_ingest`` (run on a
-GPU host, for instance, against its own database) and adds it as a run of kind
-``query-latency`` or ``ingestion``.
+GPU host, for instance, against its own database), or the JSON ``bench_index``
+writes when the database refused its run, and adds it as a run of kind
+``query-latency``, ``ingestion`` or ``index-scale``.
 """
 
 import json
@@ -16,7 +17,7 @@ from evaluation.records import record_file_figures
 
 
 class Command(BaseCommand):
-    help = "Add the --output JSON of bench_queries or bench_ingest to the benchmark history."
+    help = "Add the JSON of bench_queries, bench_ingest or bench_index to the benchmark history."
 
     def add_arguments(self, parser):
         parser.add_argument("files", nargs="+")
