@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
+import subprocess
+import sys
 
 import psycopg
-import pytest
 import redis
-
-from portal.localservices import LocalServices
 
 
 def _free_port() -> int:
@@ -25,35 +26,47 @@ def _answers(urls) -> bool:
         return False
 
 
-def test_a_second_user_of_a_state_folder_joins_its_servers_and_leaves_them_running(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTAL_VALKEY_PORT", str(_free_port()))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
-    owner = LocalServices(tmp_path / "state")
-    urls = owner.start()
+def _env(state) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(PORTAL_STATE_DIR=str(state), PORTAL_VALKEY_PORT=str(_free_port()))
+    return env
+
+
+PRINT_URLS = "import os; print(os.environ['DATABASE_URL'], os.environ['REDIS_URL'], flush=True)"
+
+
+def _exec(state, code, **popen) -> subprocess.Popen:
+    """``python -m portal.localservices exec -- python -c CODE`` in the background."""
+    return subprocess.Popen([sys.executable, "-m", "portal.localservices", "exec", "--", sys.executable, "-c", code],
+                            env=_env(state), stdout=subprocess.PIPE, text=True, **popen)
+
+
+def test_a_second_user_of_a_state_folder_joins_its_servers_and_leaves_them_running(tmp_path):
+    state, release = tmp_path / "state", tmp_path / "release"
+    # The first user (a running portal, a long benchmark) holds the servers until released.
+    first = _exec(state, PRINT_URLS + f"\nimport pathlib, time\nwhile not pathlib.Path({str(release)!r}).exists(): "
+                                      "time.sleep(0.1)")
     try:
+        database_url, redis_url = first.stdout.readline().split()
+        urls = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
         assert _answers(urls)
-        second = LocalServices(tmp_path / "state")
-        assert second.start() == urls
-        second.stop()
-        assert _answers(urls), "the second user's stop left the owner's servers running"
+        second = _exec(state, PRINT_URLS)
+        assert second.communicate(timeout=120)[0].split() == [database_url, redis_url]
+        assert second.returncode == 0
+        assert _answers(urls), "the second user's exit left the first one's servers running"
     finally:
-        owner.stop()
-    assert not _answers(urls)
+        release.touch()
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert not _answers(urls), "the first user stops what it started"
 
 
-def test_servers_that_no_longer_answer_are_started_afresh(tmp_path, monkeypatch):
-    monkeypatch.setenv("PORTAL_VALKEY_PORT", str(_free_port()))
-    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+def test_servers_that_no_longer_answer_are_started_afresh(tmp_path):
     state = tmp_path / "state"
     state.mkdir()
-    (state / "services.json").write_text('{"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x", '
-                                         '"REDIS_URL": "redis://127.0.0.1:1/0"}')
-    services = LocalServices(state)
-    urls = services.start()
-    try:
-        assert _answers(urls) and not services._joined
-    finally:
-        services.stop()
-
-
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
+    stale = {"DATABASE_URL": "postgresql://nobody@127.0.0.1:1/x", "REDIS_URL": "redis://127.0.0.1:1/0"}
+    (state / "services.json").write_text(json.dumps(stale))
+    probe = "import psycopg, redis, os; psycopg.connect(os.environ['DATABASE_URL']).close(); " \
+            "print(redis.Redis.from_url(os.environ['REDIS_URL']).ping())"
+    run = _exec(state, probe)
+    assert run.communicate(timeout=120)[0].strip() == "True" and run.returncode == 0
