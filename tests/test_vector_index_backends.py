@@ -554,10 +554,10 @@ def test_ivfpq_codes_of_removed_rows_are_compacted_and_the_rest_still_rescored(t
     ids = np.arange(10, 2010) * 3
     idx = create_index("faiss-ivfpq", 64, nlist=16, nprobe=16, pq_m=8, refine="sq8", train_size=2000)
     idx.add(ids, vectors)
-    assert idx._n_rows == 2000
+    assert len(idx._codes) == 2000
     gone = ids[::2]
     assert idx.remove(gone) == 1000
-    assert idx._n_rows == 1000, "half the codes were dead: compacted"
+    assert len(idx._codes) == 1000, "half the codes were dead: compacted"
     kept, kept_vectors = ids[1::2], vectors[1::2]
     got_ids, got_scores = idx.search(queries, k=10)
     assert not np.isin(got_ids, gone).any()

@@ -205,12 +205,11 @@ class FaissIVFPQIndex(VectorIndex):
         self._buffer_vectors = np.empty((0, self.dim), dtype=np.float32)
         self._sorted_ids = np.empty(0, dtype=np.int64)  # every stored id, ascending
         # Re-ranking store (trained index, refine set): row r of _codes is the code of
-        # one stored vector, _lists[r] its inverted list; _sorted_rows[i] is the row of
-        # _sorted_ids[i]. Rows past _n_rows are spare capacity.
+        # one stored vector or of a removed one not yet compacted away, _lists[r] its
+        # inverted list; _sorted_rows[i] is the row of _sorted_ids[i].
         self._codec = None  # faiss.IndexScalarQuantizer (trained, empty) for the sq / fp16 codes
         self._codes = np.empty((0, 0), dtype=np.uint8)
         self._lists = np.empty(0, dtype=np.int32)
-        self._n_rows = 0
         self._sorted_rows = np.empty(0, dtype=np.int64)
 
     def _check_params(self, params: dict) -> None:
@@ -284,23 +283,21 @@ class FaissIVFPQIndex(VectorIndex):
 
     def _append_rows(self, codes: np.ndarray, lists: np.ndarray) -> np.ndarray:
         """Store codes in new rows; returns their row numbers."""
-        n, need = self._n_rows, self._n_rows + len(codes)
-        if need > len(self._codes) or not self._codes.flags.writeable or not self._codes.flags.owndata:
-            # Exactly the rows needed: numpy zero-fills spare capacity, which would then
-            # be resident memory for nothing.
-            if self._codes.flags.owndata and self._codes.flags.writeable and self._codes.shape[1:] == codes.shape[1:]:
-                # realloc: a large array grows by remapping its pages, not by copying them
-                self._codes.resize((need, codes.shape[1]), refcheck=False)
-                self._lists.resize(need, refcheck=False)
-            else:  # first rows, or rows still mapped from a loaded file
-                grown = np.empty((need, codes.shape[1]), dtype=np.uint8)
-                grown[:n] = self._codes[:n]
-                lists_grown = np.empty(need, dtype=np.int32)
-                lists_grown[:n] = self._lists[:n]
-                self._codes, self._lists = grown, lists_grown
-        self._codes[n:need] = codes
-        self._lists[n:need] = lists
-        self._n_rows = need
+        n, need = len(self._codes), len(self._codes) + len(codes)
+        # Grown to exactly the rows needed: numpy zero-fills spare capacity, which would
+        # then be resident memory for nothing.
+        if self._codes.flags.owndata and self._codes.flags.writeable and self._codes.shape[1:] == codes.shape[1:]:
+            # realloc: a large array grows by remapping its pages, not by copying them
+            self._codes.resize((need, codes.shape[1]), refcheck=False)
+            self._lists.resize(need, refcheck=False)
+        else:  # first rows, or rows still mapped from a loaded file
+            grown = np.empty((need, codes.shape[1]), dtype=np.uint8)
+            grown[:n] = self._codes
+            lists_grown = np.empty(need, dtype=np.int32)
+            lists_grown[:n] = self._lists
+            self._codes, self._lists = grown, lists_grown
+        self._codes[n:] = codes
+        self._lists[n:] = lists
         return np.arange(n, need, dtype=np.int64)
 
     def _compact(self) -> None:
@@ -308,7 +305,6 @@ class FaissIVFPQIndex(VectorIndex):
         keep = np.sort(self._sorted_rows)
         self._codes = self._codes[keep]
         self._lists = self._lists[keep]
-        self._n_rows = len(keep)
         self._sorted_rows = np.searchsorted(keep, self._sorted_rows).astype(np.int64)
 
     # -- training --------------------------------------------------------------
@@ -377,7 +373,7 @@ class FaissIVFPQIndex(VectorIndex):
         ids, buffered = self._buffer_ids, self._buffer_vectors
         self._buffer_ids = np.empty(0, dtype=np.int64)
         self._buffer_vectors = np.empty((0, self.dim), dtype=np.float32)
-        rows = self._encode(ids, buffered) if len(ids) else np.empty(0, dtype=np.int64)
+        rows = self._encode(ids, buffered) if len(ids) else None
         if rows is not None:  # every stored id was buffered until now
             self._sorted_rows = np.empty(len(self._sorted_ids), dtype=np.int64)
             self._sorted_rows[np.searchsorted(self._sorted_ids, ids)] = rows
@@ -436,8 +432,8 @@ class FaissIVFPQIndex(VectorIndex):
             self._buffer_vectors = self._buffer_vectors[buffered]
         self._sorted_ids = self._sorted_ids[keep]
         if self._refining and self._index is not None:
-            dead = self._n_rows - len(self._sorted_rows)
-            if dead > COMPACT_FRACTION * self._n_rows:
+            dead = len(self._codes) - len(self._sorted_rows)
+            if dead > COMPACT_FRACTION * len(self._codes):
                 self._compact()
 
     def remove(self, ids) -> int:
@@ -540,15 +536,15 @@ class FaissIVFPQIndex(VectorIndex):
         nothing = (0, lambda fh: None)
         index_size, write_index = faiss_part(self._index) if self._index is not None else nothing
         codec_size, write_codec = faiss_part(self._codec) if self._codec is not None else nothing
-        rows = self._n_rows if self._refining and self._index is not None else 0
+        rows = len(self._codes) if self._refining and self._index is not None else 0
         code_size = self._codes.shape[1] if rows else 0
         return [
             _PARTS.pack(PAYLOAD_VERSION, index_size, codec_size, rows, code_size,
                         len(self._buffer_ids), len(self._sorted_ids)),
             write_index,
             write_codec,
-            self._codes[:rows],
-            self._lists[:rows].astype("<i4", copy=False),
+            self._codes,
+            self._lists.astype("<i4", copy=False),
             self._buffer_ids.astype("<i8", copy=False),
             self._buffer_vectors.astype("<f4", copy=False),
             self._sorted_ids.astype("<i8", copy=False),
@@ -596,7 +592,7 @@ class FaissIVFPQIndex(VectorIndex):
         if stored + n_buffered != n_ids or (index is not None and n_buffered):
             raise VectorIndexError("payload does not match the file header")
         obj._index, obj._codec = index, codec
-        obj._codes, obj._lists, obj._n_rows, obj._sorted_rows = codes, lists, int(rows), sorted_rows
+        obj._codes, obj._lists, obj._sorted_rows = codes, lists, sorted_rows
         obj._buffer_ids, obj._buffer_vectors = buffer_ids, buffer_vectors
         obj._sorted_ids = sorted_ids
         return obj
