@@ -12,6 +12,7 @@ from search.ingest import ingest_image
 from search.models import ImageAsset
 
 from .conftest import image_bytes
+from .test_encoder import jpeg_bytes, two_colour_image
 
 pytestmark = pytest.mark.django_db
 
@@ -105,17 +106,11 @@ def test_a_new_index_version_is_served_by_the_next_search(gallery, tiny_model):
 
 
 def _jpeg_turned_by_exif() -> bytes:
-    import io
-
     from PIL import Image
 
-    picture = Image.new("RGB", (40, 20), (250, 0, 0))
-    picture.paste((0, 0, 250), (20, 0, 40, 20))  # left red, right blue
     exif = Image.Exif()
     exif[0x0112] = 6  # shown turned 90 degrees clockwise
-    out = io.BytesIO()
-    picture.save(out, "JPEG", exif=exif.tobytes(), quality=95)
-    return out.getvalue()
+    return jpeg_bytes(two_colour_image(40, 20), exif=exif.tobytes())
 
 
 @pytest.mark.parametrize("data", [_jpeg_turned_by_exif(), image_bytes(fmt="GIF"), image_bytes(fmt="PNG")],
