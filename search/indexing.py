@@ -9,9 +9,10 @@ version and swap it in without a restart.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from django.db.models import OuterRef, Subquery
 from embeddings.models import Embedding, EmbeddingModel
 
 from .models import IndexBuild
+from .querycache import LRU
 from .vector_index import VectorIndex, create_index, get_backend, load_index
 
 log = logging.getLogger(__name__)
@@ -232,15 +234,54 @@ def clear_sync_pending(model_id: int) -> None:
 # --- Serving side ---------------------------------------------------------------
 
 
+def _result_cache_size() -> int:
+    return int(getattr(settings, "SEARCH_RESULT_CACHE_SIZE", 4096))
+
+
+@dataclass
+class ServedIndex:
+    """One loaded index version, with the neighbours of the vectors it was last asked
+    about (an LRU of ``SEARCH_RESULT_CACHE_SIZE`` entries per index version).
+
+    What a version holds is fixed once it is written, so its answers stay right until
+    a newer version replaces it, and that drops them: no invalidation to get wrong. Rows
+    deleted since the version was written are filtered out by the search reading
+    them from Postgres, cached or not.
+    """
+
+    version: int
+    index: VectorIndex
+    results: LRU = field(default_factory=lambda: LRU(_result_cache_size))
+
+    def nearest(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(ids, scores, from_cache) of the ``k`` rows nearest to one vector."""
+        vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
+        key = (k, hashlib.blake2b(vector.tobytes(), digest_size=16).digest())
+        found = self.results.get(key)
+        if found is not None:
+            return found[0], found[1], True
+        ids, scores = self.index.search(vector, k)
+        ids, scores = ids[0], scores[0]
+        ids.setflags(write=False)
+        scores.setflags(write=False)
+        self.results.put(key, (ids, scores))
+        return ids, scores, False
+
+
 class LoadedIndices:
     """Per-process cache of the newest index version of each model and modality."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._loaded: dict[tuple[int, str], tuple[int, VectorIndex]] = {}
+        self._loaded: dict[tuple[int, str], ServedIndex] = {}
 
     def get(self, model: EmbeddingModel, modality: str) -> VectorIndex | None:
-        """The newest ready version's index. A model fetched with
+        """The newest ready version's index (see :meth:`served`)."""
+        served = self.served(model, modality)
+        return served.index if served is not None else None
+
+    def served(self, model: EmbeddingModel, modality: str) -> ServedIndex | None:
+        """The newest ready version, loaded once per process. A model fetched with
         ``with_latest_versions`` carries that version already (no query here)."""
         version = getattr(model, version_attribute(modality), _UNKNOWN)
         if version is _UNKNOWN:
@@ -250,12 +291,12 @@ class LoadedIndices:
         current = self._loaded.get(key)
         if version is None:
             return None
-        if current is not None and current[0] == version:
-            return current[1]
+        if current is not None and current.version == version:
+            return current
         with self._lock:
             current = self._loaded.get(key)
-            if current is not None and current[0] == version:
-                return current[1]
+            if current is not None and current.version == version:
+                return current
             index, loaded_build = _load_latest_valid(model, modality)
             if loaded_build is None or loaded_build.version != version:
                 # The newest version was torn or missing: serve the last good one and have a
@@ -263,8 +304,8 @@ class LoadedIndices:
                 schedule_index_sync(model.pk)
             if index is None:
                 return None
-            self._loaded[key] = (loaded_build.version, index)
-            return index
+            self._loaded[key] = ServedIndex(loaded_build.version, index)
+            return self._loaded[key]
 
 
 loaded_indices = LoadedIndices()

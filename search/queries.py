@@ -17,6 +17,7 @@ from .indexing import loaded_indices, with_latest_versions
 from .models import Caption, ImageAsset, IndexBuild
 
 TEXT_QUERY_MAX_CHARS = 1000
+RESULTS_HIT, RESULTS_MISS = "hit", "miss"
 
 
 class InvalidQuery(ValueError):
@@ -61,26 +62,34 @@ def clean_text_query(query) -> str:
     return query.strip()[:TEXT_QUERY_MAX_CHARS]
 
 
-def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows):
+def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use: list | None = None):
     """Top-k rows that still exist in Postgres, best first (``fetch_rows(ids)`` ->
     ``{id: row}``).
 
     Rows deleted since the index was written are skipped (and the search widened),
-    so a deletion disappears from results at once.
+    so a deletion disappears from results at once. A vector asked about before of
+    the same index version gets its neighbours from the version's result cache
+    (``ServedIndex.nearest``); ``cache_use`` collects whether each lookup did.
     """
-    index = loaded_indices.get(model, modality)
-    if index is None or index.count() == 0:
+    served = loaded_indices.served(model, modality)
+    if served is None or served.index.count() == 0:
         return []
-    total = index.count()
+    total = served.index.count()
     fetch = min(total, k)
     while True:
-        ids, scores = index.search(vector.reshape(1, -1), fetch)
-        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if i >= 0]
+        ids, scores, cached = served.nearest(vector, fetch)
+        if cache_use is not None:
+            cache_use.append(cached)
+        pairs = [(int(i), float(s)) for i, s in zip(ids, scores) if i >= 0]
         rows = fetch_rows([i for i, _ in pairs])
         hits = [(rows[i], s) for i, s in pairs if i in rows]
         if len(hits) >= k or fetch >= total:
             return hits[:k]
         fetch = min(total, fetch * 2 + (k - len(hits)))
+
+
+def _result_cache(cache_use: list) -> str:
+    return RESULTS_HIT if cache_use and all(cache_use) else RESULTS_MISS
 
 
 # The two queries of a search are sent as SQL written once per process: building them
@@ -126,27 +135,30 @@ def search_text(query, k=10) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
-    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets)
+    cache_use: list[bool] = []
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use)
     done = time.perf_counter()
     return SearchResult(
         model=model,
         images=[ImageHit(a, s) for a, s in hits],
         took_ms=(done - started) * 1000,
         timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000,
-                 "query_cache": cache},
+                 "query_cache": cache, "result_cache": _result_cache(cache_use)},
     )
 
 
 def _image_results(model, vector, k, started, encoded) -> SearchResult:
-    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, fetch_captions)
-    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets)
+    cache_use: list[bool] = []
+    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, fetch_captions, cache_use)
+    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use)
     done = time.perf_counter()
     return SearchResult(
         model=model,
         images=[ImageHit(a, s) for a, s in images],
         captions=[CaptionHit(c, s) for c, s in captions],
         took_ms=(done - started) * 1000,
-        timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000},
+        timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000,
+                 "result_cache": _result_cache(cache_use)},
     )
 
 

@@ -25,6 +25,7 @@ import hashlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 import numpy as np
 from django.conf import settings
@@ -57,44 +58,63 @@ def cache_key(model, encoder, input_ids: np.ndarray) -> str:
     return f"{KEY_PREFIX}:{model.pk}:{digest.hexdigest()}"
 
 
-class QueryEmbeddingCache:
-    """Per-process LRU in front of the shared Django cache."""
+class LRU:
+    """A bounded, thread-safe map that drops the least recently used entry first.
 
-    def __init__(self, size: int | None = None):
+    ``size`` is a number or a function read at each insertion (so a setting
+    changed at run time applies); 0 keeps nothing.
+    """
+
+    def __init__(self, size: int | Callable[[], int]):
         self._size = size
-        self._local: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[Hashable, object] = OrderedDict()
         self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
-        return _size() if self._size is None else max(0, int(self._size))
+        return max(0, int(self._size() if callable(self._size) else self._size))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+    def get(self, key):
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key, value) -> None:
+        size = self.size
+        if not size:
+            return
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > size:
+                self._items.popitem(last=False)
+
+
+class QueryEmbeddingCache:
+    """Per-process LRU in front of the shared Django cache."""
+
+    def __init__(self, size: int | None = None):
+        self._local = LRU(_size if size is None else size)
+
+    @property
+    def size(self) -> int:
+        return self._local.size
 
     def __len__(self) -> int:
         return len(self._local)
 
     def clear(self) -> None:
         """Empty this process's level (the shared one expires by itself)."""
-        with self._lock:
-            self._local.clear()
-
-    # -- the two levels ------------------------------------------------------
-
-    def _get_local(self, key: str) -> np.ndarray | None:
-        with self._lock:
-            vector = self._local.get(key)
-            if vector is not None:
-                self._local.move_to_end(key)
-            return vector
-
-    def _put_local(self, key: str, vector: np.ndarray) -> None:
-        size = self.size
-        if not size:
-            return
-        with self._lock:
-            self._local[key] = vector
-            self._local.move_to_end(key)
-            while len(self._local) > size:
-                self._local.popitem(last=False)
+        self._local.clear()
 
     @staticmethod
     def _get_shared(key: str) -> np.ndarray | None:
@@ -121,17 +141,17 @@ class QueryEmbeddingCache:
         (:data:`HIT_LOCAL`, :data:`HIT_SHARED` or :data:`MISS`)."""
         input_ids = encoder.token_ids([text])
         key = cache_key(model, encoder, input_ids)
-        vector = self._get_local(key)
+        vector = self._local.get(key)
         if vector is not None:
             return vector, HIT_LOCAL
         vector = self._get_shared(key)
         if vector is not None and vector.shape == (encoder.dim,):
             vector.setflags(write=False)
-            self._put_local(key, vector)
+            self._local.put(key, vector)
             return vector, HIT_SHARED
         vector = np.array(encoder.encode_token_ids(input_ids)[0], dtype=np.float32)
         vector.setflags(write=False)
-        self._put_local(key, vector)
+        self._local.put(key, vector)
         self._put_shared(key, vector)
         return vector, MISS
 

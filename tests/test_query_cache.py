@@ -132,3 +132,15 @@ def test_search_api_reports_server_timing(tiny_model, api_client):
     assert 'cache;desc="miss"' in header
     again = api_client.post("/api/search/text/", {"query": "two dogs in the snow", "k": 3}, format="json")
     assert 'cache;desc="local"' in again["Server-Timing"]
+
+
+def test_lru_keeps_the_most_recently_used_within_its_size():
+    lru = querycache.LRU(2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # "a" is now the most recent
+    lru.put("c", 3)
+    assert (lru.get("a"), lru.get("b"), lru.get("c"), len(lru)) == (1, None, 3, 2)
+    off = querycache.LRU(lambda: 0)
+    off.put("a", 1)
+    assert off.get("a") is None and len(off) == 0

@@ -126,3 +126,76 @@ def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
     np.testing.assert_array_equal(np.asarray(load_image(kept)), np.asarray(load_image(data)))
     if data[:2] == b"\xff\xd8":
         assert load_image(kept).size == (20, 40), "EXIF orientation kept"
+
+
+# --- The result cache: neighbours of a vector already asked about, per index version ----
+
+
+def count_index_searches(monkeypatch, model, modality="image") -> list:
+    served = indexing.loaded_indices.served(queries.active_model(), modality)
+    calls = []
+    original = served.index.search
+
+    def counting(vectors, k):
+        calls.append(k)
+        return original(vectors, k)
+
+    monkeypatch.setattr(served.index, "search", counting)
+    return calls
+
+
+def test_a_repeated_search_takes_its_neighbours_from_the_result_cache(gallery, tiny_model, monkeypatch):
+    first = queries.search_text("a red square", k=3)
+    calls = count_index_searches(monkeypatch, tiny_model)
+    again = queries.search_text("A red square!", k=3)
+    assert calls == [] and again.timings["result_cache"] == queries.RESULTS_HIT
+    assert first.timings["result_cache"] == queries.RESULTS_MISS
+    assert [(h.asset.pk, h.score) for h in again.images] == [(h.asset.pk, h.score) for h in first.images]
+    other_k = queries.search_text("a red square", k=2)  # another k is another entry
+    assert calls == [2] and other_k.timings["result_cache"] == queries.RESULTS_MISS
+
+
+def test_a_deleted_image_leaves_cached_results_at_once(gallery, tiny_model):
+    from search.ingest import delete_assets
+
+    first = queries.search_text("a red square", k=2)
+    gone = first.images[0].asset.pk
+    delete_assets(ImageAsset.objects.filter(pk=gone))
+    again = queries.search_text("a red square", k=2)
+    # The cached two lost one row, so the search widened past the cache to fill k.
+    assert gone not in {hit.asset.pk for hit in again.images}
+    assert len(again.images) == 2 and again.timings["result_cache"] == queries.RESULTS_MISS
+
+
+def test_a_new_index_version_starts_with_an_empty_result_cache(gallery, tiny_model):
+    queries.search_text("a colour", k=10)
+    assert queries.search_text("a colour", k=10).timings["result_cache"] == queries.RESULTS_HIT
+    late = add((240, 240, 20), ["a yellow square"])
+    indexing.sync_indices(tiny_model)
+    after = queries.search_text("a colour", k=10)
+    assert after.timings["result_cache"] == queries.RESULTS_MISS
+    assert late.pk in {hit.asset.pk for hit in after.images}
+
+
+def test_the_same_uploaded_photo_again_is_a_result_cache_hit(gallery):
+    photo = image_bytes((200, 30, 30), pattern=2)
+    first = queries.search_image(photo, k=2)
+    again = queries.search_image(photo, k=2)
+    assert first.timings["result_cache"] == queries.RESULTS_MISS
+    assert again.timings["result_cache"] == queries.RESULTS_HIT
+    assert [c.caption.pk for c in again.captions] == [c.caption.pk for c in first.captions]
+
+
+def test_result_cache_size_zero_turns_it_off(gallery, settings):
+    settings.SEARCH_RESULT_CACHE_SIZE = 0
+    queries.search_text("a red square", k=3)
+    assert queries.search_text("a red square", k=3).timings["result_cache"] == queries.RESULTS_MISS
+
+
+def test_the_api_says_where_the_neighbours_came_from(gallery, api_client):
+    body = {"query": "a green field", "k": 2}
+    first = api_client.post("/api/search/text/", body, format="json")
+    again = api_client.post("/api/search/text/", body, format="json")
+    assert 'results;desc="miss"' in first["Server-Timing"]
+    assert 'results;desc="hit"' in again["Server-Timing"]
+    assert again.json()["results"] == first.json()["results"]

@@ -62,7 +62,8 @@ class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
 
 def _timed(response, result, started, searched):
     """Add a ``Server-Timing`` header: encode, search (index and rows), serialise
-    and the whole view in ms, and whether the query embedding came from the cache."""
+    and the whole view in ms, whether the query embedding came from the cache and
+    whether the index's neighbours did."""
     done = time.perf_counter()
     timings = result.timings
     parts = [
@@ -73,6 +74,8 @@ def _timed(response, result, started, searched):
     ]
     if timings.get("query_cache"):
         parts.append(f'cache;desc="{timings["query_cache"]}"')
+    if timings.get("result_cache"):
+        parts.append(f'results;desc="{timings["result_cache"]}"')
     response["Server-Timing"] = ", ".join(parts)
     return response
 

@@ -135,8 +135,9 @@ def index_check() -> dict:
     ready_before = list(IndexBuild.objects.filter(model=model, modality="image", status="ready")
                         .order_by("-version").values_list("version", flat=True))
     loader = indexing.LoadedIndices()
-    served = loader.get(model, "image")
-    served_version = loader._loaded.get((model.pk, "image"), (None,))[0] if served is not None else None
+    loaded = loader.served(model, "image")
+    served = loaded.index if loaded is not None else None
+    served_version = loaded.version if loaded is not None else None
     wanted = set(indexing.stored_ids(model, "image").tolist())
     directory = Path(indexing._index_dir(model, "image"))
     return {

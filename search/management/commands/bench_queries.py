@@ -722,6 +722,12 @@ class Command(BaseCommand):
         for s in ok:
             if "cache" in s["timing"]:
                 caches[s["timing"]["cache"]] = caches.get(s["timing"]["cache"], 0) + 1
+        # Whether the index's neighbours came from the served version's result cache, and
+        # the requests' latency either way.
+        by_results: dict = {}
+        for s in ok:
+            if "results" in s["timing"]:
+                by_results.setdefault(s["timing"]["results"], []).append(s["wall_ms"])
         return {
             "name": name,
             "concurrency": concurrency,
@@ -734,6 +740,8 @@ class Command(BaseCommand):
             "server_ms_p50": {key: median(timing(key)) for key in ("encode", "search", "serialise", "view")},
             "http_overhead_ms_p50": median(http_overhead),
             "query_cache": caches,
+            "result_cache": {where: {"n": len(walls), "p50_ms": median(walls)}
+                             for where, walls in sorted(by_results.items())},
             # CPU the gunicorn processes spent per answered query: unlike latency, barely
             # affected by other work on the machine; cores / this = the server's q/s ceiling.
             "server_cpu_ms_per_query": round(1000 * cpu_seconds / len(ok), 2) if cpu_seconds and ok else None,
@@ -960,6 +968,9 @@ class Command(BaseCommand):
               f"{lat.get('p99', 0):8.1f} {phase['qps'] or 0:7.1f} {cpu:6.1f}   {srv['encode']} / {srv['search']} / "
               f"{srv['serialise']} / {srv['view']}; {phase['http_overhead_ms_p50']}"
               + (f"  cache {phase['query_cache']}" if phase["query_cache"] else "")
+              + ("  results " + ", ".join(f"{where} {r['n']} (p50 {r['p50_ms']})"
+                                          for where, r in phase["result_cache"].items())
+                 if phase.get("result_cache") else "")
               + (f"  ERRORS {phase['errors']} {phase['statuses']}" if phase["errors"] else ""))
         w("(times in ms; cpu/q: CPU time the gunicorn processes spent per query, whatever else ran)")
         if "query_cache_lookup" in results:
