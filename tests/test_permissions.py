@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from django.contrib import admin
@@ -226,6 +227,49 @@ def test_searches_are_throttled_per_client(settings, tiny_model, users):
 
     page = Client(REMOTE_ADDR="203.0.113.10").get("/?q=dog")
     assert page.status_code == 429 and b"Too many searches" in page.content
+
+
+def _throttle(clock: list):
+    import uuid
+
+    from search.api import access
+
+    key = f"throttle-test:{uuid.uuid4().hex}"
+
+    class OneClient(access.SearchAnonThrottle):
+        def get_cache_key(self, request, view):
+            return key
+
+        def timer(self):
+            return clock[0]
+
+    return OneClient
+
+
+def test_a_throttle_counts_the_previous_window_by_how_much_of_it_is_still_recent(settings, clean_state):
+    _rates(settings, search_anon="10/minute")
+    start = 60 * (int(time.time()) // 60 + 10)  # a window boundary ahead of now
+    clock = [start + 50.0]
+    throttle = _throttle(clock)
+    assert [throttle().allow_request(None, None) for _ in range(11)] == [True] * 10 + [False]
+    clock[0] = start + 66.0  # 6 s into the next window: the previous 10 still weigh 9
+    first, refused = throttle(), throttle()
+    assert first.allow_request(None, None) and not refused.allow_request(None, None)
+    assert refused.wait() == pytest.approx(6.0)  # at 12 s they weigh 8: room for one more
+    clock[0] = start + 72.0
+    assert throttle().allow_request(None, None)
+    clock[0] = start + 90.0  # half-way: the previous window weighs 5, this one holds 2
+    assert [throttle().allow_request(None, None) for _ in range(4)] == [True, True, True, False]
+
+
+def test_concurrent_requests_of_one_client_are_all_counted(settings, clean_state):
+    from concurrent.futures import ThreadPoolExecutor
+
+    _rates(settings, search_anon="25/minute")
+    throttle = _throttle([60 * (int(time.time()) // 60) + 1.0])
+    with ThreadPoolExecutor(8) as pool:
+        allowed = list(pool.map(lambda _: throttle().allow_request(None, None), range(60)))
+    assert allowed.count(True) == 25
 
 
 def test_uploads_are_throttled(settings, users, make_image):

@@ -5,6 +5,13 @@ or token. Search is public unless ``SEARCH_REQUIRES_LOGIN`` is set. Throttle rat
 live in ``REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]`` and are read on every request;
 the counters are kept in the default (Redis) cache.
 
+A throttle is a sliding-window counter: Redis counts the requests of the current
+and the previous fixed window, and the previous one weighs by how much of it still
+lies within the last ``duration`` seconds. Counting, setting the expiry and reading
+the previous count go in one pipelined round trip, and the count is atomic, so
+concurrent requests of one client are all counted. (DRF's own throttle reads and
+rewrites a list of timestamps: two round trips, and a list as long as the rate.)
+
 Imported by the DRF settings, so this module must not import views.
 """
 
@@ -13,6 +20,8 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
+from django.core.cache import caches
+from django.core.cache.backends.redis import RedisCache
 from rest_framework import permissions
 from rest_framework.settings import api_settings
 from rest_framework.throttling import SimpleRateThrottle
@@ -48,7 +57,8 @@ def search_allowed(user) -> bool:
 
 
 class _SettingsRateThrottle(SimpleRateThrottle):
-    """A DRF throttle that reads its rate at each request and fails open when the cache is down."""
+    """A DRF throttle that reads its rate at each request, counts in Redis with a
+    sliding-window counter (module docstring) and fails open when Redis is down."""
 
     def __init__(self):  # the rate is read in allow_request, not once per process
         pass
@@ -63,10 +73,49 @@ class _SettingsRateThrottle(SimpleRateThrottle):
         self.rate = self.get_rate()
         self.num_requests, self.duration = self.parse_rate(self.rate)
         try:
-            return super().allow_request(request, view)
+            backend = caches["default"]
+            if not isinstance(backend, RedisCache) or self.rate is None:
+                return super().allow_request(request, view)
+            key = self.get_cache_key(request, view)
+            return True if key is None else self._count(backend, key)
         except Exception as exc:  # Redis unreachable: serve rather than fail every request
             log.warning("throttle %s skipped: cache unavailable (%s)", self.scope, exc)
             return True
+
+    def _count(self, cache: RedisCache, key: str) -> bool:
+        now = self.timer()
+        window = int(now // self.duration)
+        self.elapsed = now - window * self.duration
+        current_key = cache.make_and_validate_key(f"{key}:{window}")
+        previous_key = cache.make_and_validate_key(f"{key}:{window - 1}")
+        client = cache._cache.get_client(current_key, write=True)
+        pipe = client.pipeline(transaction=False)
+        pipe.incr(current_key)
+        pipe.expire(current_key, 2 * self.duration)
+        pipe.get(previous_key)
+        self.current, _, previous = pipe.execute()
+        self.previous = int(previous or 0)
+        weight = 1.0 - self.elapsed / self.duration
+        if self.previous * weight + self.current <= self.num_requests:
+            return True
+        client.decr(current_key)  # a refused request does not count against the client
+        self.current -= 1
+        return False
+
+    def wait(self):
+        """Seconds until one more request would be allowed."""
+        if not hasattr(self, "current"):
+            return super().wait()
+        room = self.num_requests - 1 - self.current  # what the previous window may still weigh
+        duration, elapsed = self.duration, self.elapsed
+        if room >= 0 and self.previous:
+            # Within this window, the previous one's weight falls until the request fits.
+            until = duration * (1 - room / self.previous) - elapsed
+            if until <= duration - elapsed:
+                return max(until, 0.0)
+        # In the next window this window's count is the one that weighs.
+        after = duration * (1 - (self.num_requests - 1) / self.current) if self.current else 0.0
+        return (duration - elapsed) + max(after, 0.0)
 
     def _user(self, request):
         user = getattr(request, "user", None)
