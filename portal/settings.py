@@ -181,7 +181,8 @@ INGEST_JPEG_DRAFT = env_bool("INGEST_JPEG_DRAFT", False)
 # Text-query embeddings kept per web process (LRU) and, for SEARCH_QUERY_CACHE_TTL seconds, in Redis.
 SEARCH_QUERY_CACHE_SIZE = int(os.environ.get("SEARCH_QUERY_CACHE_SIZE", "4096"))
 SEARCH_QUERY_CACHE_TTL = int(os.environ.get("SEARCH_QUERY_CACHE_TTL", str(24 * 3600)))
-# Neighbour lists kept per web process and index version (LRU entries per index; 0: off).
+# Neighbour lists kept per web process and index version (LRU entries per index), text queries'
+# also in Redis for SEARCH_QUERY_CACHE_TTL seconds; 0 turns the result cache off.
 SEARCH_RESULT_CACHE_SIZE = int(os.environ.get("SEARCH_RESULT_CACHE_SIZE", "4096"))
 INDEX_DIR = Path(os.environ.get("INDEX_DIR", STATE_DIR / "indices"))
 VECTOR_INDEX_BACKEND = os.environ.get("VECTOR_INDEX_BACKEND", "faiss-flat")

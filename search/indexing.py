@@ -24,6 +24,7 @@ from django.db.models import OuterRef, Subquery
 from embeddings.models import Embedding, EmbeddingModel
 
 from .models import IndexBuild
+from . import querycache
 from .querycache import LRU
 from .vector_index import VectorIndex, create_index, get_backend, load_index
 
@@ -241,7 +242,8 @@ def _result_cache_size() -> int:
 @dataclass
 class ServedIndex:
     """One loaded index version, with the neighbours of the vectors it was last asked
-    about (an LRU of ``SEARCH_RESULT_CACHE_SIZE`` entries per index version).
+    about (an LRU of ``SEARCH_RESULT_CACHE_SIZE`` entries per index version, and for
+    text queries the shared level of ``search.querycache``).
 
     What a version holds is fixed once it is written, so its answers stay right until
     a newer version replaces it, and that drops them: no invalidation to get wrong. Rows
@@ -249,23 +251,38 @@ class ServedIndex:
     them from Postgres, cached or not.
     """
 
+    model_id: int
+    modality: str
     version: int
     index: VectorIndex
     results: LRU = field(default_factory=lambda: LRU(_result_cache_size))
 
-    def nearest(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(ids, scores, from_cache) of the ``k`` rows nearest to one vector."""
+    def nearest(self, vector: np.ndarray, k: int, *, shared_read: bool = False,
+                shared_write: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+        """(ids, scores, where) of the ``k`` rows nearest to one vector; ``where`` is
+        ``querycache.HIT_LOCAL``, ``HIT_SHARED`` or ``MISS`` (the index was searched)."""
         vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-        key = (k, hashlib.blake2b(vector.tobytes(), digest_size=16).digest())
-        found = self.results.get(key)
+        if not self.results.size:  # SEARCH_RESULT_CACHE_SIZE=0: no result cache at all
+            ids, scores = self.index.search(vector, k)
+            return ids[0], scores[0], querycache.MISS
+        digest = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()
+        found = self.results.get((k, digest))
         if found is not None:
-            return found[0], found[1], True
+            return found[0], found[1], querycache.HIT_LOCAL
+        shared_key = querycache.neighbours_key(self.model_id, self.modality, self.version, k, digest)
+        if shared_read:
+            found = querycache.get_shared_neighbours(shared_key)
+            if found is not None and len(found[0]) == k:
+                self.results.put((k, digest), found)
+                return found[0], found[1], querycache.HIT_SHARED
         ids, scores = self.index.search(vector, k)
         ids, scores = ids[0], scores[0]
         ids.setflags(write=False)
         scores.setflags(write=False)
-        self.results.put(key, (ids, scores))
-        return ids, scores, False
+        self.results.put((k, digest), (ids, scores))
+        if shared_write:
+            querycache.put_shared_neighbours(shared_key, ids, scores)
+        return ids, scores, querycache.MISS
 
 
 class LoadedIndices:
@@ -304,7 +321,7 @@ class LoadedIndices:
                 schedule_index_sync(model.pk)
             if index is None:
                 return None
-            self._loaded[key] = ServedIndex(loaded_build.version, index)
+            self._loaded[key] = ServedIndex(model.pk, str(modality), loaded_build.version, index)
             return self._loaded[key]
 
 

@@ -17,7 +17,6 @@ from .indexing import loaded_indices, with_latest_versions
 from .models import Caption, ImageAsset, IndexBuild
 
 TEXT_QUERY_MAX_CHARS = 1000
-RESULTS_HIT, RESULTS_MISS = "hit", "miss"
 
 
 class InvalidQuery(ValueError):
@@ -62,14 +61,16 @@ def clean_text_query(query) -> str:
     return query.strip()[:TEXT_QUERY_MAX_CHARS]
 
 
-def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use: list | None = None):
+def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use: list | None = None,
+             shared: tuple[bool, bool] = (False, False)):
     """Top-k rows that still exist in Postgres, best first (``fetch_rows(ids)`` ->
     ``{id: row}``).
 
     Rows deleted since the index was written are skipped (and the search widened),
     so a deletion disappears from results at once. A vector asked about before of
-    the same index version gets its neighbours from the version's result cache
-    (``ServedIndex.nearest``); ``cache_use`` collects whether each lookup did.
+    the same index version gets its neighbours from the result cache
+    (``ServedIndex.nearest``; ``shared``: read and write its shared level);
+    ``cache_use`` collects where each lookup's answer came from.
     """
     served = loaded_indices.served(model, modality)
     if served is None or served.index.count() == 0:
@@ -77,9 +78,9 @@ def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use:
     total = served.index.count()
     fetch = min(total, k)
     while True:
-        ids, scores, cached = served.nearest(vector, fetch)
+        ids, scores, where = served.nearest(vector, fetch, shared_read=shared[0], shared_write=shared[1])
         if cache_use is not None:
-            cache_use.append(cached)
+            cache_use.append(where)
         pairs = [(int(i), float(s)) for i, s in zip(ids, scores) if i >= 0]
         rows = fetch_rows([i for i, _ in pairs])
         hits = [(rows[i], s) for i, s in pairs if i in rows]
@@ -89,7 +90,10 @@ def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use:
 
 
 def _result_cache(cache_use: list) -> str:
-    return RESULTS_HIT if cache_use and all(cache_use) else RESULTS_MISS
+    """Where a search's neighbours came from: a miss if any index was searched."""
+    if not cache_use or querycache.MISS in cache_use:
+        return querycache.MISS
+    return querycache.HIT_SHARED if querycache.HIT_SHARED in cache_use else querycache.HIT_LOCAL
 
 
 # The two queries of a search are sent as SQL written once per process: building them
@@ -136,7 +140,9 @@ def search_text(query, k=10) -> SearchResult:
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
     cache_use: list[bool] = []
-    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use)
+    # Neighbours go to the shared cache too; they can only be there if the vector was.
+    shared = (cache != querycache.MISS, True)
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use, shared)
     done = time.perf_counter()
     return SearchResult(
         model=model,

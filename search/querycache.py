@@ -1,4 +1,6 @@
-"""Cache of text-query embeddings, so a repeated query skips the text tower.
+"""Caches of text queries: their embeddings, so a repeated query skips the text
+tower, and (shared level only) the neighbours an index version gave them, so a
+repeat that reaches another web process skips the scan too.
 
 Two levels:
 
@@ -16,13 +18,21 @@ that differ only in what SigLIP's tokenizer drops (case, punctuation, extra
 spaces) or past the 64th token share one entry, and nothing else does.
 
 A broken or unreachable shared cache only costs the shared level: the search
-goes on with the local one and the encoder.
+goes on with the local one and the encoder. Writes to the shared level are done
+by a background thread of the process (``write_behind``), so a search does not
+wait for them; a write that is lost only costs a later miss.
+
+Neighbour lists are keyed by model, modality, index version, k and the query
+vector; their local level is the served index version's result cache
+(``search.indexing.ServedIndex``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -34,6 +44,7 @@ from django.core.cache import cache
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "query-embedding:v1"
+NEIGHBOURS_PREFIX = "query-neighbours:v1"
 DEFAULT_SIZE = 4096
 DEFAULT_TTL = 24 * 3600
 
@@ -99,6 +110,77 @@ class LRU:
                 self._items.popitem(last=False)
 
 
+class WriteBehind:
+    """Shared-cache writes handed to one background thread per process.
+
+    The queue is bounded: when Redis is slow or away, writes beyond it are
+    dropped rather than held. A forked child starts its own thread on first use.
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self._capacity = capacity
+        self._queue: queue.Queue | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def set(self, key: str, value, timeout: int) -> None:
+        try:
+            self._started().put_nowait((key, value, timeout))
+        except queue.Full:
+            log.warning("query cache writes are behind; dropping one")
+
+    def flush(self) -> None:
+        """Wait until every write handed over so far is done (for tests and shutdown)."""
+        if self._queue is not None and self._pid == os.getpid():
+            self._queue.join()
+
+    def _started(self) -> queue.Queue:
+        if self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._queue = queue.Queue(maxsize=self._capacity)
+                    threading.Thread(target=self._run, args=(self._queue,), name="query-cache-writes",
+                                     daemon=True).start()
+                    self._pid = os.getpid()
+        return self._queue
+
+    @staticmethod
+    def _run(jobs: queue.Queue) -> None:
+        while True:
+            key, value, timeout = jobs.get()
+            try:
+                cache.set(key, value, timeout=timeout)
+            except Exception as exc:
+                log.warning("query cache unavailable: %s", exc)
+            finally:
+                jobs.task_done()
+
+
+write_behind = WriteBehind()
+
+
+def neighbours_key(model_id: int, modality: str, version: int, k: int, vector_digest: bytes) -> str:
+    return f"{NEIGHBOURS_PREFIX}:{model_id}:{modality}:{version}:{k}:{vector_digest.hex()}"
+
+
+def get_shared_neighbours(key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(ids, scores) stored under ``key`` by any web process, or None."""
+    try:
+        blob = cache.get(key)
+    except Exception as exc:
+        log.warning("query cache unavailable: %s", exc)
+        return None
+    if not isinstance(blob, bytes) or len(blob) % 12:
+        return None
+    n = len(blob) // 12
+    return np.frombuffer(blob, dtype="<i8", count=n), np.frombuffer(blob, dtype="<f4", offset=8 * n)
+
+
+def put_shared_neighbours(key: str, ids: np.ndarray, scores: np.ndarray) -> None:
+    blob = np.asarray(ids, dtype="<i8").tobytes() + np.asarray(scores, dtype="<f4").tobytes()
+    write_behind.set(key, blob, _ttl())
+
+
 class QueryEmbeddingCache:
     """Per-process LRU in front of the shared Django cache."""
 
@@ -129,10 +211,7 @@ class QueryEmbeddingCache:
 
     @staticmethod
     def _put_shared(key: str, vector: np.ndarray) -> None:
-        try:
-            cache.set(key, np.asarray(vector, dtype="<f4").tobytes(), timeout=_ttl())
-        except Exception as exc:
-            log.warning("query cache unavailable: %s", exc)
+        write_behind.set(key, np.asarray(vector, dtype="<f4").tobytes(), _ttl())
 
     # -- use -----------------------------------------------------------------
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import queue
+
 import numpy as np
 import pytest
 
@@ -44,6 +47,7 @@ def test_miss_then_local_hit_then_shared_hit(tiny_model, encoder, monkeypatch):
     again, where = first.text_embedding(tiny_model, encoder, "a red square")
     assert where == HIT_LOCAL and calls == []
     np.testing.assert_array_equal(again, vector)
+    querycache.write_behind.flush()  # the shared level is written in the background
     # Another process (an empty local level) finds it in Redis.
     other, where = QueryEmbeddingCache().text_embedding(tiny_model, encoder, "a red square")
     assert where == HIT_SHARED and calls == []
@@ -87,6 +91,7 @@ def test_size_zero_turns_the_local_level_off(tiny_model, encoder, settings):
     cache = QueryEmbeddingCache()
     cache.text_embedding(tiny_model, encoder, "a red square")
     assert len(cache) == 0
+    querycache.write_behind.flush()
     assert cache.text_embedding(tiny_model, encoder, "a red square")[1] == HIT_SHARED
 
 
@@ -144,3 +149,18 @@ def test_lru_keeps_the_most_recently_used_within_its_size():
     off = querycache.LRU(lambda: 0)
     off.put("a", 1)
     assert off.get("a") is None and len(off) == 0
+
+
+def test_shared_writes_land_in_the_background_and_a_full_queue_drops_them(clean_state):
+    from django.core.cache import cache
+
+    writes = querycache.WriteBehind(capacity=1)
+    writes.set("write-behind-test", b"stored", 60)
+    writes.flush()
+    assert cache.get("write-behind-test") == b"stored"
+    # A queue that cannot take more drops the write instead of holding up the search.
+    stuck = querycache.WriteBehind(capacity=1)
+    stuck._pid, stuck._queue = os.getpid(), queue.Queue(maxsize=1)  # started, no thread draining it
+    stuck.set("write-behind-a", b"1", 60)
+    stuck.set("write-behind-b", b"2", 60)  # dropped, without waiting
+    assert stuck._queue.qsize() == 1

@@ -60,7 +60,7 @@ from django.db import transaction
 from PIL import Image, ImageDraw, ImageFilter
 
 BENCH_COLLECTION = "bench-synthetic"
-QUERY_CACHE_PATTERN = "*query-embedding:*"
+QUERY_CACHE_PATTERNS = ("*query-embedding:*", "*query-neighbours:*")
 TOP_K = 10
 
 _SUBJECTS = ("a man", "a woman", "two children", "a dog", "a black cat", "an old car", "a red bus",
@@ -547,14 +547,16 @@ class Command(BaseCommand):
         )
 
     def _clear_query_cache(self) -> None:
-        """Drop cached query embeddings of earlier runs from Redis, so the first phase misses."""
+        """Drop cached query embeddings and neighbours of earlier runs from Redis, so the
+        first phase misses."""
         try:
             import redis
 
             client = redis.Redis.from_url(settings.REDIS_URL)
-            keys = list(client.scan_iter(match=QUERY_CACHE_PATTERN, count=1000))
-            if keys:
-                client.delete(*keys)
+            for pattern in QUERY_CACHE_PATTERNS:
+                keys = list(client.scan_iter(match=pattern, count=1000))
+                if keys:
+                    client.delete(*keys)
         except Exception as exc:
             self.stderr.write(f"could not clear the query cache: {exc}")
 
