@@ -395,34 +395,63 @@ class ToyIndex(VectorIndex):
 # --------------------------------------------------------------------------
 
 
-def test_the_device_copy_gives_faiss_results_and_follows_every_change(monkeypatch, corpus):
-    from search.vector_index import faiss_flat
-
+def _same_results_through_changes(candidate, reference, corpus, one_query_at_a_time=False):
+    """``candidate`` answers like ``reference`` (a float32 FAISS scan) before and after
+    removals and additions, also for k past the count."""
     ids, vectors = corpus
     queries = unit_vectors(20, seed=5)
-    on_cpu = create_index(BACKEND, DIM)
-    on_cpu.add(ids, vectors)
-    # torch on the CPU stands in for the CUDA device here: same code path
-    monkeypatch.setattr(faiss_flat, "search_device", lambda: "cpu")
-    mirrored = create_index(BACKEND, DIM)
-    mirrored.add(ids, vectors)
+    for idx in (candidate, reference):
+        idx.add(ids, vectors)
+
+    def search(idx, k):
+        if not one_query_at_a_time:
+            return idx.search(queries, k)
+        found = [idx.search(q, k) for q in queries]
+        return np.vstack([f[0] for f in found]), np.vstack([f[1] for f in found])
 
     def same(k=10):
-        got_ids, got_scores = mirrored.search(queries, k)
-        want_ids, want_scores = on_cpu.search(queries, k)
+        got_ids, got_scores = search(candidate, k)
+        want_ids, want_scores = reference.search(queries, k)
         assert np.array_equal(got_ids, want_ids)
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
         return got_ids
 
     first = same()
-    mirrored.remove(first[:, 0])
-    on_cpu.remove(first[:, 0])
+    candidate.remove(first[:, 0])
+    reference.remove(first[:, 0])
     assert not np.isin(same(), first[:, 0]).any()  # removed rows are gone from the copy too
     new_ids, new_vectors = np.array([1, 2], dtype=np.int64), queries[:2].copy()
-    mirrored.add(new_ids, new_vectors)
-    on_cpu.add(new_ids, new_vectors)
+    candidate.add(new_ids, new_vectors)
+    reference.add(new_ids, new_vectors)
     assert list(same(k=1)[:2, 0]) == [1, 2]  # an added row is its own best match at once
     assert same(k=600).shape == (20, 600)  # k past the count keeps the padding
+
+
+def test_the_device_copy_gives_faiss_results_and_follows_every_change(monkeypatch, corpus):
+    from search.vector_index import faiss_flat
+
+    on_cpu = create_index(BACKEND, DIM)  # 20 queries at once: FAISS's float32 product
+    # torch on the CPU stands in for the CUDA device here: same code path
+    monkeypatch.setattr(faiss_flat, "search_device", lambda: "cpu")
+    _same_results_through_changes(create_index(BACKEND, DIM), on_cpu, corpus)
+
+
+def test_a_single_query_scans_fp16_and_returns_the_float32_ranking_and_scores(monkeypatch):
+    from search.vector_index import faiss_flat
+
+    # Clustered rows, so that neighbours lie close together: what the fp16 pass must not lose.
+    rng = np.random.default_rng(3)
+    centres = unit_vectors(20, seed=4)
+    vectors = centres[rng.integers(0, 20, 3000)] + 0.15 * unit_vectors(3000, seed=6)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    corpus = (sparse_ids(3000), vectors)
+    candidate = create_index(BACKEND, DIM)
+    _same_results_through_changes(candidate, create_index(BACKEND, DIM), corpus, one_query_at_a_time=True)
+    assert candidate._half is not None  # the single queries did go through the fp16 copy
+    monkeypatch.setenv(faiss_flat.FLAT_SCAN_ENV_VAR, "float32")
+    assert not faiss_flat.fp16_scan()
+    monkeypatch.setenv(faiss_flat.FLAT_SCAN_ENV_VAR, "int4")
+    assert faiss_flat.fp16_scan()  # an unknown value warns and keeps the default
 
 
 def test_the_search_device_is_the_cpu_without_cuda_or_when_asked(monkeypatch):

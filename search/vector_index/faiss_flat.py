@@ -11,10 +11,23 @@ and a query is one matrix product and a top-k there. A single query over
 millisecond for a GPU. ``$VECTOR_INDEX_DEVICE`` chooses: ``auto`` (default:
 CUDA when torch sees one), ``cpu``, or a torch device such as ``cuda:1``.
 The copy is dropped on every change and made again by the next search.
+
+On the CPU a single query (fewer than FAISS's BLAS threshold of queries at once)
+first scans a float16 copy of the vectors (FAISS ``IndexScalarQuantizer`` fp16:
+half the bytes to read, 2.5 instead of 5.5 ms for 31,000 vectors on one core),
+then re-scores its best ``FP16_REFINE_FACTOR`` × k rows exactly from the float32
+vectors (``IndexRefine``), so the scores returned are the float32 ones and the
+ranking differs from a full float32 scan only if a row of the true top k fell
+below 4 × k in the fp16 pass — which takes score gaps under fp16's rounding
+(~1e-4). Batches of queries keep the float32 matrix product. The copy costs half
+the float32 vectors' memory again; ``$VECTOR_INDEX_FLAT_SCAN=float32`` turns it
+off (``fp16`` is the default).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import threading
 
@@ -31,9 +44,27 @@ from .base import (
     upsert_batch,
 )
 
-__all__ = ["DEVICE_ENV_VAR", "FaissFlatIndex", "search_device"]
+log = logging.getLogger(__name__)
+
+__all__ = ["DEVICE_ENV_VAR", "FLAT_SCAN_ENV_VAR", "FaissFlatIndex", "fp16_scan", "search_device"]
 
 DEVICE_ENV_VAR = "VECTOR_INDEX_DEVICE"
+FLAT_SCAN_ENV_VAR = "VECTOR_INDEX_FLAT_SCAN"
+FP16_REFINE_FACTOR = 4
+
+
+def fp16_scan() -> bool:
+    """Whether single CPU queries scan a float16 copy first (see the module docstring)."""
+    return _scan_choice(os.environ.get(FLAT_SCAN_ENV_VAR, "fp16").strip().lower() or "fp16") == "fp16"
+
+
+@functools.lru_cache(maxsize=8)
+def _scan_choice(value: str) -> str:
+    if value not in {"fp16", "float32"}:
+        # A speed setting: a typo costs a warning (once), not the searches.
+        log.warning("%s must be fp16 or float32, not %r; using fp16", FLAT_SCAN_ENV_VAR, value)
+        return "fp16"
+    return value
 
 
 def search_device() -> str | None:
@@ -63,6 +94,7 @@ class FaissFlatIndex(VectorIndex):
             )
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self._mirror = None  # (device, ids, vectors) as torch tensors, see search_device()
+        self._half = None  # (IndexRefine, its fp16 base, ids by row), see fp16_scan()
         self._mirror_lock = threading.Lock()
 
     def _stored_ids(self) -> np.ndarray:
@@ -78,14 +110,14 @@ class FaissFlatIndex(VectorIndex):
         if self._index.ntotal and np.isin(ids, self._stored_ids()).any():
             self._index.remove_ids(ids)
         self._index.add_with_ids(vectors, ids)
-        self._mirror = None
+        self._mirror = self._half = None
 
     def remove(self, ids) -> int:
         ids = as_ids(ids)
         if len(ids) == 0 or self._index.ntotal == 0:
             return 0
         removed = int(self._index.remove_ids(ids))
-        self._mirror = None
+        self._mirror = self._half = None
         return removed
 
     def _device_copy(self, device: str):
@@ -98,13 +130,38 @@ class FaissFlatIndex(VectorIndex):
         with self._mirror_lock:
             mirror = self._mirror
             if mirror is None or mirror[0] != device:
-                n = self._index.ntotal
-                flat = faiss.downcast_index(self._index.index)
-                vectors = faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
                 mirror = (device, torch.from_numpy(self._stored_ids().copy()).to(device),
-                          torch.from_numpy(vectors.copy()).to(device))
+                          torch.from_numpy(self._flat_vectors().copy()).to(device))
                 self._mirror = mirror
         return mirror[1], mirror[2]
+
+    def _flat_vectors(self) -> np.ndarray:
+        """The float32 rows, in FAISS's own memory (no copy)."""
+        n = self._index.ntotal
+        flat = faiss.downcast_index(self._index.index)
+        return faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    def _fp16_refine(self):
+        """(IndexRefine over an fp16 copy and the float32 rows, ids by row), made on first use
+        after a change."""
+        half = self._half
+        if half is not None:
+            return half
+        with self._mirror_lock:
+            if self._half is None:
+                base = faiss.IndexScalarQuantizer(self.dim, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT)
+                base.add(self._flat_vectors())
+                refine = faiss.IndexRefine(base, faiss.downcast_index(self._index.index))
+                refine.k_factor = FP16_REFINE_FACTOR
+                # IndexRefine does not own the two indices: keep them alive with it.
+                self._half = (refine, base, self._stored_ids().copy())
+        return self._half
+
+    def _search_fp16(self, queries: np.ndarray, k: int):
+        refine, _, ids_by_row = self._fp16_refine()
+        scores, rows = refine.search(queries, k)
+        return np.where(rows >= 0, ids_by_row[np.maximum(rows, 0)], -1), scores
 
     def _search_on_device(self, device: str, queries: np.ndarray, k: int):
         import torch
@@ -125,6 +182,8 @@ class FaissFlatIndex(VectorIndex):
             device = search_device()
             if device is not None:
                 ids, scores = self._search_on_device(device, queries, k_found)
+            elif len(queries) < faiss.cvar.distance_compute_blas_threshold and fp16_scan():
+                ids, scores = self._search_fp16(queries, k_found)
             else:
                 scores, ids = self._index.search(queries, k_found)
             out_ids[:, :k_found] = ids
