@@ -356,8 +356,9 @@ class Command(BaseCommand):
                                               "dimension": model.dimension, "image_size": model.image_size}
             for variant in variants:
                 self._warm_server(variant["url"])
-            jpegs = [photo_jpeg(i) for i in range(min(opts["image_queries"], 16) or 1)]
-            image_jobs = [("image", jpegs[i % len(jpegs)]) for i in range(opts["image_queries"])]
+            # A different photo per query: a repeated one would be answered from the result cache.
+            jpegs = [photo_jpeg(i) for i in range(max(1, opts["image_queries"]))]
+            image_jobs = [("image", jpeg) for jpeg in jpegs[: opts["image_queries"]]]
             jobs: dict[str, dict[str, list]] = {}
             for n, variant in enumerate(variants):
                 # Each server gets its own queries: they share Redis, so the same text would be a
