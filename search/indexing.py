@@ -255,6 +255,7 @@ class ServedIndex:
     modality: str
     version: int
     index: VectorIndex
+    checksum: str = ""  # of the version's file: part of the shared key, should a version number recur
     results: LRU = field(default_factory=lambda: LRU(_result_cache_size))
 
     def nearest(self, vector: np.ndarray, k: int, *, shared_read: bool = False,
@@ -269,7 +270,8 @@ class ServedIndex:
         found = self.results.get((k, digest))
         if found is not None:
             return found[0], found[1], querycache.HIT_LOCAL
-        shared_key = querycache.neighbours_key(self.model_id, self.modality, self.version, k, digest)
+        shared_key = querycache.neighbours_key(self.model_id, self.modality,
+                                               f"{self.version}-{self.checksum[:16]}", k, digest)
         if shared_read:
             found = querycache.get_shared_neighbours(shared_key)
             if found is not None and len(found[0]) == k:
@@ -321,7 +323,8 @@ class LoadedIndices:
                 schedule_index_sync(model.pk)
             if index is None:
                 return None
-            self._loaded[key] = ServedIndex(model.pk, str(modality), loaded_build.version, index)
+            self._loaded[key] = ServedIndex(model.pk, str(modality), loaded_build.version, index,
+                                            loaded_build.checksum or "")
             return self._loaded[key]
 
 

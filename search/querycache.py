@@ -159,7 +159,7 @@ class WriteBehind:
 write_behind = WriteBehind()
 
 
-def neighbours_key(model_id: int, modality: str, version: int, k: int, vector_digest: bytes) -> str:
+def neighbours_key(model_id: int, modality: str, version: str, k: int, vector_digest: bytes) -> str:
     return f"{NEIGHBOURS_PREFIX}:{model_id}:{modality}:{version}:{k}:{vector_digest.hex()}"
 
 
