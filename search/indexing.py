@@ -23,8 +23,8 @@ from django.db.models import OuterRef, Subquery
 
 from embeddings.models import Embedding, EmbeddingModel
 
-from .models import IndexBuild
 from . import querycache
+from .models import IndexBuild
 from .querycache import LRU
 from .vector_index import VectorIndex, create_index, get_backend, load_index
 

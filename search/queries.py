@@ -139,7 +139,7 @@ def search_text(query, k=10) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
-    cache_use: list[bool] = []
+    cache_use: list[str] = []
     # Neighbours go to the shared cache too; they can only be there if the vector was.
     shared = (cache != querycache.MISS, True)
     hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use, shared)
@@ -154,7 +154,7 @@ def search_text(query, k=10) -> SearchResult:
 
 
 def _image_results(model, vector, k, started, encoded) -> SearchResult:
-    cache_use: list[bool] = []
+    cache_use: list[str] = []
     captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, fetch_captions, cache_use)
     images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use)
     done = time.perf_counter()
