@@ -102,14 +102,14 @@ def _result_cache(cache_use: list) -> str:
 
 
 @functools.cache
-def _active_model_sql() -> tuple[str, tuple]:
+def _serving_model_sql() -> tuple[str, tuple]:
     models = with_latest_versions(EmbeddingModel.objects.filter(is_active=True)).order_by("pk")[:1]
     return models.query.sql_with_params()
 
 
-def active_model() -> EmbeddingModel:
+def serving_model() -> EmbeddingModel:
     """The active model with its newest index versions: one query per search."""
-    sql, params = _active_model_sql()
+    sql, params = _serving_model_sql()
     model = next(iter(EmbeddingModel.objects.raw(sql, params)), None)
     if model is None:
         raise NoActiveModel()
@@ -135,7 +135,7 @@ def search_text(query, k=10) -> SearchResult:
     k = validate_k(k)
     query = clean_text_query(query)
     started = time.perf_counter()
-    model = active_model()
+    model = serving_model()
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
@@ -175,7 +175,7 @@ def search_image(data: bytes, k=10) -> SearchResult:
     k = validate_k(k)
     decoded = inspect_image(data, keep_decoded=True).image
     started = time.perf_counter()
-    model = active_model()
+    model = serving_model()
     vector = encoder_for(model).encode_images([decoded])[0]
     return _image_results(model, vector, k, started, time.perf_counter())
 
@@ -184,7 +184,7 @@ def search_asset(asset_id, k=10) -> SearchResult:
     """The same for an image already in the collection, using its stored vector."""
     k = validate_k(k)
     started = time.perf_counter()
-    model = active_model()
+    model = serving_model()
     try:
         asset_id = int(asset_id)
     except (TypeError, ValueError):

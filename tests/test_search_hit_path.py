@@ -132,7 +132,7 @@ def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
 
 
 def count_index_searches(monkeypatch, model, modality="image") -> list:
-    served = queries.loaded_indices.served(queries.active_model(), modality)
+    served = queries.loaded_indices.served(queries.serving_model(), modality)
     calls = []
     original = served.index.search
 

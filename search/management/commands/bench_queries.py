@@ -759,7 +759,7 @@ class Command(BaseCommand):
         from search.indexing import loaded_indices
         from search.ingest import inspect_image
         from search.models import IndexBuild
-        from search.queries import CaptionHit, ImageHit, SearchResult, active_model, fetch_assets, fetch_captions
+        from search.queries import CaptionHit, ImageHit, SearchResult, fetch_assets, fetch_captions, serving_model
 
         encoder = self._encoder(model)
         image_index = loaded_indices.get(model, IndexBuild.Modality.IMAGE)
@@ -775,7 +775,7 @@ class Command(BaseCommand):
         for _ in range(2):  # warm caches of every step
             encoder.encode_texts(texts[:1])
         for text in texts:
-            timed("text.model", active_model)  # with its index versions: one query
+            timed("text.model", serving_model)  # with its index versions: one query
             ids = timed("text.tokenize", lambda: encoder.token_ids([text]))
             vector = timed("text.tower", lambda: encoder.encode_token_ids(ids)[0])
             found, scores = timed("text.index_search", lambda: image_index.search(vector.reshape(1, -1), TOP_K))
