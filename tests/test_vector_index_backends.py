@@ -519,6 +519,23 @@ def test_ivfpq_explicit_training_encodes_rows_added_before(corpus, tmp_path):
         idx.train(vectors)
 
 
+def test_ivfpq_training_on_its_buffer_indexes_like_explicit_training():
+    """Automatic training (the buffer reaching ``train_size``) assigns the buffered rows
+    once; the result is the index explicit training on the same rows gives."""
+    vectors, queries = clustered(1200, seed=7), clustered(20, seed=8)
+    ids = np.arange(1, 1201, dtype=np.int64) * 3
+    params = dict(nlist=16, pq_m=8, pq_nbits=6, refine="sq6", nprobe=4)
+    auto = create_index("faiss-ivfpq", 64, train_size=1200, **params)
+    auto.add(ids, vectors)
+    explicit = create_index("faiss-ivfpq", 64, **params)
+    explicit.add(ids, vectors)
+    explicit.train(vectors)
+    assert auto.is_trained and explicit.is_trained
+    got, want = auto.search(queries, k=10), explicit.search(queries, k=10)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6)
+
+
 def clustered(n: int, seed: int = 0, dim: int = 64, clusters: int = 16) -> np.ndarray:
     """Unit vectors around a few fixed centres, as embeddings are (rows have cosine
     ~0.93 with their centre); ``seed`` draws different rows of the same mixture."""

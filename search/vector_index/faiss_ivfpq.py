@@ -338,7 +338,9 @@ class FaissIVFPQIndex(VectorIndex):
         """Learn centroids, rotation, codebooks and re-ranking code ranges from
         ``vectors``; rows added before are then encoded. Training again is
         refused: build a new index."""
-        vectors = as_vectors(vectors, self.dim)
+        self._train(as_vectors(vectors, self.dim), buffer_is_training=False)
+
+    def _train(self, vectors: np.ndarray, buffer_is_training: bool) -> None:
         if self._index is not None:
             raise VectorIndexError("this index is already trained; build a new one to retrain")
         if len(vectors) == 0:
@@ -366,14 +368,19 @@ class FaissIVFPQIndex(VectorIndex):
             del assign
         self.params = {**self.params, "nlist": int(nlist), "pq_m": int(pq_m)}
         self._index = index
+        assigned = None  # (vectors in the lists' space, their lists), when already computed
         if self._refining:
             in_ivf = self._ivf_space(vectors)
-            self._codec = self._build_codec(in_ivf, self._assign(in_ivf) if self._residual else None)
+            lists = self._assign(in_ivf) if self._residual or buffer_is_training else None
+            self._codec = self._build_codec(in_ivf, lists if self._residual else None)
             self._codes = np.empty((0, self._code_size), dtype=np.uint8)
+            if buffer_is_training:
+                assigned = (np.ascontiguousarray(in_ivf, dtype=np.float32), lists)
         ids, buffered = self._buffer_ids, self._buffer_vectors
         self._buffer_ids = np.empty(0, dtype=np.int64)
         self._buffer_vectors = np.empty((0, self.dim), dtype=np.float32)
-        rows = self._encode(ids, buffered) if len(ids) else None
+        # Trained on the buffer itself: its rows are assigned to their lists once, not twice.
+        rows = self._encode(ids, buffered, assigned) if len(ids) else None
         if rows is not None:  # every stored id was buffered until now
             self._sorted_rows = np.empty(len(self._sorted_ids), dtype=np.int64)
             self._sorted_rows[np.searchsorted(self._sorted_ids, ids)] = rows
@@ -385,12 +392,16 @@ class FaissIVFPQIndex(VectorIndex):
         _, lists = self._ivf().quantizer.search(in_ivf, 1)
         return lists[:, 0]
 
-    def _encode(self, ids: np.ndarray, vectors: np.ndarray) -> np.ndarray | None:
+    def _encode(self, ids: np.ndarray, vectors: np.ndarray, assigned=None) -> np.ndarray | None:
         """Put rows into the inverted lists (and their codes into the re-ranking
-        store: their row numbers are returned)."""
+        store: their row numbers are returned). ``assigned``: the rows already in
+        the lists' space and assigned, ``(in_ivf, lists)``."""
         ivf = self._ivf()
-        in_ivf = np.ascontiguousarray(self._ivf_space(vectors), dtype=np.float32)
-        lists = self._assign(in_ivf)
+        if assigned is None:
+            in_ivf = np.ascontiguousarray(self._ivf_space(vectors), dtype=np.float32)
+            lists = self._assign(in_ivf)
+        else:
+            in_ivf, lists = assigned
         # One assignment serves both the inverted lists and the re-ranking code.
         ivf.add_core(len(ids), faiss.swig_ptr(in_ivf), faiss.swig_ptr(np.ascontiguousarray(ids, dtype=np.int64)),
                      faiss.swig_ptr(np.ascontiguousarray(lists, dtype=np.int64)))
@@ -417,7 +428,7 @@ class FaissIVFPQIndex(VectorIndex):
         self._buffer_ids = np.concatenate([self._buffer_ids, ids])
         self._buffer_vectors = np.concatenate([self._buffer_vectors, vectors])
         if len(self._buffer_ids) >= self.params["train_size"]:
-            self.train(self._buffer_vectors)
+            self._train(self._buffer_vectors, buffer_is_training=True)
 
     def _drop(self, ids: np.ndarray) -> None:
         """Remove rows known to be stored."""
