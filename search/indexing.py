@@ -235,6 +235,9 @@ def clear_sync_pending(model_id: int) -> None:
 # --- Serving side ---------------------------------------------------------------
 
 
+RESULT_CACHE_MAX_K = 400  # longest neighbour list the result cache keeps
+
+
 def _result_cache_size() -> int:
     return int(getattr(settings, "SEARCH_RESULT_CACHE_SIZE", 4096))
 
@@ -263,7 +266,9 @@ class ServedIndex:
         """(ids, scores, where) of the ``k`` rows nearest to one vector; ``where`` is
         ``querycache.HIT_LOCAL``, ``HIT_SHARED`` or ``MISS`` (the index was searched)."""
         vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-        if not self.results.size:  # SEARCH_RESULT_CACHE_SIZE=0: no result cache at all
+        # SEARCH_RESULT_CACHE_SIZE=0: no result cache at all. Long lists (a search widened
+        # far past deleted rows) are not kept: they would crowd out thousands of short ones.
+        if not self.results.size or k > RESULT_CACHE_MAX_K:
             ids, scores = self.index.search(vector, k)
             return ids[0], scores[0], querycache.MISS
         digest = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()

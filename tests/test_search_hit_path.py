@@ -200,6 +200,14 @@ def test_the_same_uploaded_photo_again_is_a_result_cache_hit(gallery):
     assert [c.caption.pk for c in again.captions] == [c.caption.pk for c in first.captions]
 
 
+def test_long_neighbour_lists_are_not_cached(gallery, tiny_model, monkeypatch):
+    monkeypatch.setattr(indexing, "RESULT_CACHE_MAX_K", 2)
+    queries.search_text("a red square", k=3)
+    assert queries.search_text("a red square", k=3).timings["result_cache"] == querycache.MISS
+    queries.search_text("a red square", k=2)
+    assert queries.search_text("a red square", k=2).timings["result_cache"] == querycache.HIT_LOCAL
+
+
 def test_result_cache_size_zero_turns_it_off(gallery, settings):
     settings.SEARCH_RESULT_CACHE_SIZE = 0
     queries.search_text("a red square", k=3)
