@@ -15,4 +15,4 @@ USER portal
 ENV PORTAL_STATE_DIR=/data MEDIA_ROOT=/data/media INDEX_DIR=/data/indices STATIC_ROOT=/app/staticfiles \
     HF_HOME=/data/hf
 EXPOSE 8000
-CMD ["gunicorn", "portal.wsgi", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--timeout", "120"]
+CMD ["gunicorn", "portal.wsgi", "-c", "python:portal.gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--timeout", "120"]

@@ -70,7 +70,7 @@ def main() -> int:
             [PYTHON, "-m", "celery", "-A", "portal", "beat", "--loglevel=INFO",
              "--schedule", str(state_dir() / "celerybeat-schedule")], env=env))
         children.append(subprocess.Popen(
-            [PYTHON, "-m", "gunicorn", "portal.wsgi", "--bind", f"{host}:{port}",
+            [PYTHON, "-m", "gunicorn", "portal.wsgi", "-c", "python:portal.gunicorn", "--bind", f"{host}:{port}",
              "--workers", env.get("WEB_WORKERS", "2"), "--threads", "4", "--timeout", "120"], env=env))
         # Anything uploaded while no worker ran is picked up now.
         manage(env, "embed_missing", check=False)

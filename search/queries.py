@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ from embeddings.services import NoActiveModel, encoder_for
 from . import querycache
 from .indexing import loaded_indices, with_latest_versions
 from .models import Caption, ImageAsset, IndexBuild
+
+log = logging.getLogger(__name__)
 
 TEXT_QUERY_MAX_CHARS = 1000
 
@@ -195,3 +198,25 @@ def search_asset(asset_id, k=10) -> SearchResult:
     if row is None:
         raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
     return _image_results(model, row.array, k, started, time.perf_counter())
+
+
+def warm_up() -> bool:
+    """Load what the first searches of a process would otherwise wait for: the active
+    model's towers (ONNX sessions, CUDA graph), its two indices and their scan copies.
+    Run by each web worker as it starts (``portal/gunicorn.py``). Never raises: a
+    portal without an active model, or with its database away, still starts."""
+    from PIL import Image
+
+    try:
+        model = serving_model()
+        encoder = encoder_for(model)
+        vector = encoder.encode_texts(["a photo"])[0]
+        encoder.encode_images([Image.new("RGB", (model.image_size or 224,) * 2)])
+        for modality in IndexBuild.Modality.values:
+            served = loaded_indices.served(model, modality)
+            if served is not None and served.index.count():
+                served.index.search(vector.reshape(1, -1), 1)  # makes the index's scan copy
+        return True
+    except Exception as exc:
+        log.warning("warm-up skipped: %s", exc)
+        return False

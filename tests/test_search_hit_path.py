@@ -222,3 +222,33 @@ def test_the_api_says_where_the_neighbours_came_from(gallery, api_client):
     assert 'results;desc="miss"' in first["Server-Timing"]
     assert 'results;desc="local"' in again["Server-Timing"]
     assert again.json()["results"] == first.json()["results"]
+
+
+def test_warm_up_loads_the_towers_indices_and_scan_copies_a_first_search_needs(gallery, tiny_model, monkeypatch):
+    from embeddings import siglip
+
+    siglip.clear_encoder_cache()
+    fresh = indexing.LoadedIndices()
+    monkeypatch.setattr(queries, "loaded_indices", fresh)
+    assert queries.warm_up()
+    from django.conf import settings
+
+    encoder = siglip.get_encoder(tiny_model.source, device=settings.SIGLIP_DEVICE, backend=settings.SIGLIP_INFERENCE)
+    assert encoder.is_loaded  # by the warm-up: nothing else loaded it since the cache was cleared
+    served = fresh.served(queries.serving_model(), "image")
+    assert served is not None and served.index._half is not None  # the float16 scan copy is made
+
+
+def test_warm_up_without_an_active_model_lets_the_worker_start(db, clean_state):
+    assert queries.warm_up() is False
+
+
+def test_each_web_worker_warms_up_in_the_background(monkeypatch):
+    import threading
+
+    from portal import gunicorn
+
+    ran = threading.Event()
+    monkeypatch.setattr(queries, "warm_up", ran.set)
+    gunicorn.post_worker_init(worker=None).join(timeout=30)
+    assert ran.is_set()

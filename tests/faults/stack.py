@@ -190,7 +190,8 @@ class FaultStack:
         self.web_port = free_port()
         log = open(self.root / "web.log", "ab")
         self._web = subprocess.Popen(
-            [PYTHON, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{self.web_port}",
+            [PYTHON, "-m", "gunicorn", "portal.wsgi", "-c", "python:portal.gunicorn",
+             "--bind", f"127.0.0.1:{self.web_port}",
              "--workers", str(workers), "--threads", "4", "--timeout", "60"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )

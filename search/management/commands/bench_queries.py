@@ -611,7 +611,8 @@ class Command(BaseCommand):
         env.update(extra_env)
         log_path = Path(settings.STATE_DIR) / "bench" / f"gunicorn-{port}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-m", "gunicorn", "portal.wsgi", "--bind", f"127.0.0.1:{port}",
+        command = [sys.executable, "-m", "gunicorn", "portal.wsgi", "-c", "python:portal.gunicorn",
+                   "--bind", f"127.0.0.1:{port}",
                    "--workers", str(self.opts["workers"]), "--threads", str(self.opts["threads"]),
                    "--timeout", "120"]
         settings_text = " ".join(f"{k}={v}" for k, v in extra_env.items())
