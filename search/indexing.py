@@ -269,27 +269,33 @@ class ServedIndex:
         # SEARCH_RESULT_CACHE_SIZE=0: no result cache at all. Long lists (a search widened
         # far past deleted rows) are not kept: they would crowd out thousands of short ones.
         if not self.results.size or k > RESULT_CACHE_MAX_K:
-            ids, scores = self.index.search(vector, k)
-            return ids[0], scores[0], querycache.MISS
+            return (*self._search(vector, k), querycache.MISS)
         digest = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()
         found = self.results.get((k, digest))
         if found is not None:
             return found[0], found[1], querycache.HIT_LOCAL
-        shared_key = querycache.neighbours_key(self.model_id, self.modality,
-                                               f"{self.version}-{self.checksum[:16]}", k, digest)
+        shared_key = None
+        if shared_read or shared_write:
+            shared_key = querycache.neighbours_key(self.model_id, self.modality,
+                                                   f"{self.version}-{self.checksum[:16]}", k, digest)
         if shared_read:
             found = querycache.get_shared_neighbours(shared_key)
             if found is not None and len(found[0]) == k:
                 self.results.put((k, digest), found)
                 return found[0], found[1], querycache.HIT_SHARED
-        ids, scores = self.index.search(vector, k)
-        ids, scores = ids[0], scores[0]
-        ids.setflags(write=False)
-        scores.setflags(write=False)
+        ids, scores = self._search(vector, k)
         self.results.put((k, digest), (ids, scores))
         if shared_write:
             querycache.put_shared_neighbours(shared_key, ids, scores)
         return ids, scores, querycache.MISS
+
+    def _search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's answer for one (1, dim) vector, as read-only 1-d arrays."""
+        ids, scores = self.index.search(vector, k)
+        ids, scores = ids[0], scores[0]
+        ids.setflags(write=False)
+        scores.setflags(write=False)
+        return ids, scores
 
 
 class LoadedIndices:

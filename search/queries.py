@@ -76,9 +76,9 @@ def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use:
     ``cache_use`` collects where each lookup's answer came from.
     """
     served = loaded_indices.served(model, modality)
-    if served is None or served.index.count() == 0:
+    total = served.index.count() if served is not None else 0
+    if not total:
         return []
-    total = served.index.count()
     fetch = min(total, k)
     while True:
         ids, scores, where = served.nearest(vector, fetch, shared_read=shared[0], shared_write=shared[1])

@@ -159,18 +159,24 @@ class WriteBehind:
 write_behind = WriteBehind()
 
 
+def _read_shared(key: str) -> bytes | None:
+    """The bytes stored under ``key`` in the shared cache, or None (also when it is away)."""
+    try:
+        blob = cache.get(key)
+    except Exception as exc:  # the search must not fail because the cache did
+        log.warning("query cache unavailable: %s", exc)
+        return None
+    return blob if isinstance(blob, bytes) else None
+
+
 def neighbours_key(model_id: int, modality: str, version: str, k: int, vector_digest: bytes) -> str:
     return f"{NEIGHBOURS_PREFIX}:{model_id}:{modality}:{version}:{k}:{vector_digest.hex()}"
 
 
 def get_shared_neighbours(key: str) -> tuple[np.ndarray, np.ndarray] | None:
     """(ids, scores) stored under ``key`` by any web process, or None."""
-    try:
-        blob = cache.get(key)
-    except Exception as exc:
-        log.warning("query cache unavailable: %s", exc)
-        return None
-    if not isinstance(blob, bytes) or len(blob) % 12:
+    blob = _read_shared(key)
+    if blob is None or len(blob) % 12:
         return None
     n = len(blob) // 12
     return np.frombuffer(blob, dtype="<i8", count=n), np.frombuffer(blob, dtype="<f4", offset=8 * n)
@@ -200,12 +206,8 @@ class QueryEmbeddingCache:
 
     @staticmethod
     def _get_shared(key: str) -> np.ndarray | None:
-        try:
-            blob = cache.get(key)
-        except Exception as exc:  # the search must not fail because the cache did
-            log.warning("query cache unavailable: %s", exc)
-            return None
-        if not isinstance(blob, bytes) or len(blob) % 4:
+        blob = _read_shared(key)
+        if blob is None or len(blob) % 4:
             return None
         return np.frombuffer(blob, dtype="<f4")
 
