@@ -131,7 +131,7 @@ def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
 # --- The result cache: neighbours of a vector already asked about, per index version ----
 
 
-def count_index_searches(monkeypatch, model, modality="image") -> list:
+def count_index_searches(monkeypatch, modality="image") -> list:
     served = queries.loaded_indices.served(queries.serving_model(), modality)
     calls = []
     original = served.index.search
@@ -146,7 +146,7 @@ def count_index_searches(monkeypatch, model, modality="image") -> list:
 
 def test_a_repeated_search_takes_its_neighbours_from_the_result_cache(gallery, tiny_model, monkeypatch):
     first = queries.search_text("a red square", k=3)
-    calls = count_index_searches(monkeypatch, tiny_model)
+    calls = count_index_searches(monkeypatch)
     again = queries.search_text("A red square!", k=3)
     assert calls == [] and again.timings["result_cache"] == querycache.HIT_LOCAL
     assert first.timings["result_cache"] == querycache.MISS
@@ -162,7 +162,7 @@ def test_a_repeat_in_another_web_process_takes_embedding_and_neighbours_from_red
     # Another process: empty local levels, the same Redis.
     querycache.query_cache.clear()
     monkeypatch.setattr(queries, "loaded_indices", indexing.LoadedIndices())
-    calls = count_index_searches(monkeypatch, tiny_model)
+    calls = count_index_searches(monkeypatch)
     again = queries.search_text("a green field", k=2)
     assert again.timings["query_cache"] == querycache.HIT_SHARED
     assert again.timings["result_cache"] == querycache.HIT_SHARED and calls == []
