@@ -99,53 +99,149 @@ def _result_cache(cache_use: list) -> str:
     return querycache.HIT_SHARED if querycache.HIT_SHARED in cache_use else querycache.HIT_LOCAL
 
 
-# The two queries of a search are sent as SQL written once per process: building them
+# The queries of a search are sent as SQL written once per process: building them
 # through the ORM on every search cost more than running them (measured: 0.76 and
 # 0.53 ms of Python against 0.19 and 0.28 ms in PostgreSQL).
 
 
 @functools.cache
 def _serving_model_sql() -> tuple[str, tuple]:
+    """The active model with its newest index versions, and that row as text (its
+    ``serving_signature``): what a search checks its remembered model against."""
     models = with_latest_versions(EmbeddingModel.objects.filter(is_active=True)).order_by("pk")[:1]
-    return models.query.sql_with_params()
+    sql, params = models.query.sql_with_params()
+    return f"SELECT serving::text AS serving_signature, serving.* FROM ({sql}) serving", params
+
+
+@functools.cache
+def _signature_sql() -> tuple[str, tuple]:
+    sql, params = _serving_model_sql()
+    return f"(SELECT checked.serving_signature FROM ({sql}) checked)", params
+
+
+class StaleServingModel(Exception):
+    """The database no longer serves the model a search started from."""
+
+
+class ServingModel:
+    """The active model with its index versions as this process last read them.
+
+    A search starts from the remembered model and has the query that fetches its hit
+    rows check it (:class:`ServingCheck`: one more column, no round trip of its own).
+    When the model or an index version changed meanwhile, the search runs again on a
+    fresh lookup, so no answer comes from a model or version the database has left.
+    """
+
+    def __init__(self):
+        self._model: EmbeddingModel | None = None
+
+    def remembered(self) -> EmbeddingModel | None:
+        return self._model
+
+    def lookup(self) -> EmbeddingModel:
+        """Read the serving model from the database (one query) and remember it."""
+        sql, params = _serving_model_sql()
+        model = next(iter(EmbeddingModel.objects.raw(sql, params)), None)
+        self._model = model
+        if model is None:
+            raise NoActiveModel()
+        return model
+
+    def forget(self) -> None:
+        self._model = None
+
+
+serving = ServingModel()
 
 
 def serving_model() -> EmbeddingModel:
-    """The active model with its newest index versions: one query per search."""
-    sql, params = _serving_model_sql()
-    model = next(iter(EmbeddingModel.objects.raw(sql, params)), None)
-    if model is None:
-        raise NoActiveModel()
-    return model
+    """The active model with its newest index versions, read now."""
+    return serving.lookup()
 
 
-def fetch_assets(ids) -> dict[int, ImageAsset]:
+class ServingCheck:
+    """Checks a remembered model in the first row query of a search."""
+
+    def __init__(self, model: EmbeddingModel):
+        self.model = model
+        self.pending = True
+
+    def verify(self, signature: str | None) -> None:
+        self.pending = False
+        if signature != self.model.serving_signature:
+            raise StaleServingModel()
+
+    def settle(self) -> None:
+        """A search that fetched no row (an empty index) checks with a lookup of its own."""
+        if self.pending:
+            self.verify(serving.lookup().serving_signature)
+
+
+def _on_serving_model(search):
+    """``search(model, check)`` on the remembered serving model, checked by the search's
+    first row query; once more on a fresh lookup if the database serves another model
+    or versions, or if the remembered model failed before it could be checked (a
+    deleted model's files, say)."""
+    model = serving.remembered()
+    if model is not None:
+        check = ServingCheck(model)
+        try:
+            result = search(model, check)
+            check.settle()
+            return result
+        except StaleServingModel:
+            pass
+        except Exception:
+            if not check.pending:
+                raise  # the model was current: a real failure
+        serving.forget()
+    return search(serving.lookup(), None)
+
+
+def _rows_by_id(model_cls, columns: str, ids, check: ServingCheck | None) -> dict:
+    """``model_cls`` rows (alias ``a``) with ``columns`` for these ids; the first query of
+    a search also returns the serving model's signature for ``check``."""
+    table = model_cls._meta.db_table
+    if check is None or not check.pending:
+        sql = f"SELECT {columns} FROM {table} a WHERE a.id = ANY(%s)"
+        return {row.pk: row for row in model_cls.objects.raw(sql, [list(ids)])}
+    signature, params = _signature_sql()
+    # One row even when no id matches, so the signature always comes back.
+    sql = (f"SELECT {signature} AS serving_signature, {columns} "
+           f"FROM (SELECT 1) one LEFT JOIN {table} a ON a.id = ANY(%s)")
+    rows = list(model_cls.objects.raw(sql, [*params, list(ids)]))
+    check.verify(rows[0].serving_signature)
+    return {row.pk: row for row in rows if row.pk is not None}
+
+
+def fetch_assets(ids, check: ServingCheck | None = None) -> dict[int, ImageAsset]:
     """Image rows by id, each with its caption texts (``caption_texts``, in caption
     order) gathered by the same query."""
-    sql = (
-        f"SELECT a.*, ARRAY(SELECT c.text FROM {Caption._meta.db_table} c WHERE c.asset_id = a.id "
-        f"ORDER BY c.id) AS caption_texts FROM {ImageAsset._meta.db_table} a WHERE a.id = ANY(%s)"
-    )
-    return {row.pk: row for row in ImageAsset.objects.raw(sql, [list(ids)])}
+    columns = (f"a.*, ARRAY(SELECT c.text FROM {Caption._meta.db_table} c WHERE c.asset_id = a.id "
+               f"ORDER BY c.id) AS caption_texts")
+    return _rows_by_id(ImageAsset, columns, ids, check)
 
 
-def fetch_captions(ids) -> dict[int, Caption]:
-    sql = f"SELECT * FROM {Caption._meta.db_table} WHERE id = ANY(%s)"
-    return {row.pk: row for row in Caption.objects.raw(sql, [list(ids)])}
+def fetch_captions(ids, check: ServingCheck | None = None) -> dict[int, Caption]:
+    return _rows_by_id(Caption, "a.*", ids, check)
 
 
 def search_text(query, k=10) -> SearchResult:
     k = validate_k(k)
     query = clean_text_query(query)
     started = time.perf_counter()
-    model = serving_model()
+    return _on_serving_model(lambda model, check: _search_text(model, check, query, k, started))
+
+
+def _search_text(model, check, query: str, k: int, started: float) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     vector, cache = querycache.text_embedding(model, encoder_for(model), query)
     encoded = time.perf_counter()
     cache_use: list[str] = []
     # Neighbours go to the shared cache too; they can only be there if the vector was.
     shared = (cache != querycache.MISS, True)
-    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use, shared)
+    fetch = functools.partial(fetch_assets, check=check)
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch, cache_use, shared)
     done = time.perf_counter()
     return SearchResult(
         model=model,
@@ -156,10 +252,12 @@ def search_text(query, k=10) -> SearchResult:
     )
 
 
-def _image_results(model, vector, k, started, encoded) -> SearchResult:
+def _image_results(model, check, vector, k, started, encoded) -> SearchResult:
     cache_use: list[str] = []
-    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k, fetch_captions, cache_use)
-    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch_assets, cache_use)
+    captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k,
+                        functools.partial(fetch_captions, check=check), cache_use)
+    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k,
+                      functools.partial(fetch_assets, check=check), cache_use)
     done = time.perf_counter()
     return SearchResult(
         model=model,
@@ -178,26 +276,32 @@ def search_image(data: bytes, k=10) -> SearchResult:
     k = validate_k(k)
     decoded = inspect_image(data, keep_decoded=True).image
     started = time.perf_counter()
-    model = serving_model()
-    vector = encoder_for(model).encode_images([decoded])[0]
-    return _image_results(model, vector, k, started, time.perf_counter())
+
+    def search(model, check):
+        vector = encoder_for(model).encode_images([decoded])[0]
+        return _image_results(model, check, vector, k, started, time.perf_counter())
+
+    return _on_serving_model(search)
 
 
 def search_asset(asset_id, k=10) -> SearchResult:
     """The same for an image already in the collection, using its stored vector."""
     k = validate_k(k)
     started = time.perf_counter()
-    model = serving_model()
     try:
         asset_id = int(asset_id)
     except (TypeError, ValueError):
         raise InvalidQuery("asset_id must be a whole number.") from None
-    if not ImageAsset.objects.filter(pk=asset_id).exists():
-        raise ImageAsset.DoesNotExist(f"No image with id {asset_id}.")
-    row = Embedding.objects.filter(model=model, asset_id=asset_id).first()
-    if row is None:
-        raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
-    return _image_results(model, row.array, k, started, time.perf_counter())
+
+    def search(model, check):
+        if not ImageAsset.objects.filter(pk=asset_id).exists():
+            raise ImageAsset.DoesNotExist(f"No image with id {asset_id}.")
+        row = Embedding.objects.filter(model=model, asset_id=asset_id).first()
+        if row is None:
+            raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
+        return _image_results(model, check, row.array, k, started, time.perf_counter())
+
+    return _on_serving_model(search)
 
 
 def warm_up() -> bool:

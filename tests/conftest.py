@@ -36,6 +36,14 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return build_random_checkpoint(tmp_path_factory.mktemp("tiny-siglip"), TEST_CAPTIONS, seed=0)
 
 
+@pytest.fixture(autouse=True)
+def forget_the_serving_model():
+    """Each test has its own rows: no search starts from a model an earlier test served."""
+    queries = sys.modules.get("search.queries")
+    if queries is not None:
+        queries.serving.forget()
+
+
 @pytest.fixture(scope="session")
 def clean_state(django_db_setup):
     """Start each session with empty media and index folders and an empty queue."""

@@ -1,5 +1,6 @@
-"""A search reads little: the model and its index versions in one query, the hit rows
-and their captions in another; its JSON is the documented schema's."""
+"""A search reads little: one query for the hit rows and their captions, which also checks
+that the model and index versions it started from still serve; its JSON is the
+documented schema's."""
 
 from __future__ import annotations
 
@@ -40,11 +41,45 @@ def gallery(tiny_model, isolated):
     return assets
 
 
-def test_a_repeated_text_search_makes_two_database_queries(gallery, django_assert_num_queries):
+def test_a_repeated_text_search_makes_one_database_query(gallery, django_assert_num_queries):
     queries.search_text("a red square", k=3)  # loads the index, caches the query embedding
-    with django_assert_num_queries(2):  # active model + index versions; rows + captions
+    # Rows + captions, checking that the remembered model and index versions still serve.
+    with django_assert_num_queries(1):
         result = queries.search_text("a red square", k=3)
     assert len(result.images) == 3
+
+
+def another_model(tiny_checkpoint):
+    return services.register_model(str(tiny_checkpoint), name="tiny-test-siglip-b", kind="random")
+
+
+def test_a_search_after_another_model_is_activated_is_answered_by_it(gallery, tiny_model, tiny_checkpoint):
+    assert queries.search_text("a red square", k=3).model.pk == tiny_model.pk
+    other = another_model(tiny_checkpoint)
+    services.embed_asset(gallery[0].pk, model=other)
+    indexing.sync_indices(other)
+    result = queries.search_text("a red square", k=3)
+    assert result.model.pk == other.pk
+    assert [hit.asset.pk for hit in result.images] == [gallery[0].pk]
+
+
+def test_a_search_that_fetched_no_row_still_checks_its_model(gallery, tiny_model, tiny_checkpoint):
+    another_model(tiny_checkpoint)  # active, and without an index yet
+    assert queries.search_text("a red square", k=3).images == []
+    tiny_model.activate()
+    result = queries.search_text("a red square", k=3)
+    assert result.model.pk == tiny_model.pk and len(result.images) == 3
+
+
+def test_a_remembered_model_that_fails_before_its_check_is_read_again(gallery, tiny_model, tiny_checkpoint):
+    queries.search_text("a red square", k=3)
+    other = another_model(tiny_checkpoint)
+    late = add((240, 240, 20), ["a yellow square"])  # embedded by the active model only
+    indexing.sync_indices(other)
+    # The remembered model has no vector for it; the one now active has.
+    result = queries.search_asset(late.pk, k=3)
+    assert result.model.pk == other.pk
+    assert [hit.asset.pk for hit in result.images] == [late.pk]
 
 
 def test_hits_carry_their_captions_in_caption_order(gallery):

@@ -760,12 +760,14 @@ class Command(BaseCommand):
         from search.indexing import loaded_indices
         from search.ingest import inspect_image
         from search.models import IndexBuild
-        from search.queries import CaptionHit, ImageHit, SearchResult, fetch_assets, fetch_captions, serving_model
+        from search.queries import (CaptionHit, ImageHit, SearchResult, ServingCheck, fetch_assets, fetch_captions,
+                                    serving)
 
         encoder = self._encoder(model)
         image_index = loaded_indices.get(model, IndexBuild.Modality.IMAGE)
         caption_index = loaded_indices.get(model, IndexBuild.Modality.CAPTION)
         steps: dict[str, list[float]] = {}
+        current = serving.lookup()  # what each search's first row query checks it still serves
 
         def timed(name, fn):
             started = time.perf_counter()
@@ -776,11 +778,10 @@ class Command(BaseCommand):
         for _ in range(2):  # warm caches of every step
             encoder.encode_texts(texts[:1])
         for text in texts:
-            timed("text.model", serving_model)  # with its index versions: one query
             ids = timed("text.tokenize", lambda: encoder.token_ids([text]))
             vector = timed("text.tower", lambda: encoder.encode_token_ids(ids)[0])
             found, scores = timed("text.index_search", lambda: image_index.search(vector.reshape(1, -1), TOP_K))
-            rows = timed("text.hydrate", lambda: fetch_assets([int(i) for i in found[0]]))
+            rows = timed("text.hydrate", lambda: fetch_assets([int(i) for i in found[0]], ServingCheck(current)))
             hits = [ImageHit(rows[int(i)], float(sc)) for i, sc in zip(found[0], scores[0]) if int(i) in rows]
             timed("text.serialise", lambda: JSONRenderer().render(s.search_response(
                 SearchResult(model=model, images=hits), None, captions=False)))
@@ -792,7 +793,7 @@ class Command(BaseCommand):
             vector = timed("image.tower", lambda: encoder.encode_pixels(pixels)[0])
             c_ids, c_scores = timed("image.caption_search", lambda: caption_index.search(vector.reshape(1, -1), TOP_K))
             i_ids, i_scores = timed("image.image_search", lambda: image_index.search(vector.reshape(1, -1), TOP_K))
-            c_rows = timed("image.hydrate", lambda: fetch_captions([int(i) for i in c_ids[0]]))
+            c_rows = timed("image.hydrate", lambda: fetch_captions([int(i) for i in c_ids[0]], ServingCheck(current)))
             i_rows = timed("image.hydrate", lambda: fetch_assets([int(i) for i in i_ids[0]]))
             captions = [CaptionHit(c_rows[int(i)], float(sc)) for i, sc in zip(c_ids[0], c_scores[0]) if int(i) in c_rows]
             images = [ImageHit(i_rows[int(i)], float(sc)) for i, sc in zip(i_ids[0], i_scores[0]) if int(i) in i_rows]
