@@ -235,11 +235,13 @@ def search_text(query, k=10) -> SearchResult:
 
 def _search_text(model, check, query: str, k: int, started: float) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
-    vector, cache = querycache.text_embedding(model, encoder_for(model), query)
+    encoder = encoder_for(model)
+    vector, cache = querycache.text_embedding(model, encoder, query)
     encoded = time.perf_counter()
     cache_use: list[str] = []
     # Neighbours go to the shared cache too; they can only be there if the vector was.
-    shared = (cache != querycache.MISS, True)
+    shared_level = querycache.shared_level(encoder)
+    shared = (shared_level and cache != querycache.MISS, shared_level)
     fetch = functools.partial(fetch_assets, check=check)
     hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch, cache_use, shared)
     done = time.perf_counter()

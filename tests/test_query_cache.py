@@ -55,6 +55,32 @@ def test_miss_then_local_hit_then_shared_hit(tiny_model, encoder, monkeypatch):
     assert not other.flags.writeable  # a cached vector cannot be changed by a caller
 
 
+def test_the_shared_level_is_off_for_an_encoder_on_cuda_unless_asked_for(tiny_checkpoint, settings):
+    from embeddings.siglip import SiglipEncoder
+
+    cpu, cuda = (SiglipEncoder(str(tiny_checkpoint), device=device) for device in ("cpu", "cuda"))
+    assert querycache.shared_level(cpu) and not querycache.shared_level(cuda)
+    settings.SEARCH_QUERY_CACHE_SHARED = "on"
+    assert querycache.shared_level(cuda)
+    settings.SEARCH_QUERY_CACHE_SHARED = "off"
+    assert not querycache.shared_level(cpu)
+
+
+def test_without_the_shared_level_nothing_goes_to_redis(tiny_model, encoder, settings, monkeypatch):
+    from django.core.cache import cache
+
+    settings.SEARCH_QUERY_CACHE_SHARED = "off"
+    calls = count_encodes(monkeypatch, encoder)
+    key = cache_key(tiny_model, encoder, encoder.token_ids(["a quiet harbour"]))
+    cache.delete(key)
+    assert QueryEmbeddingCache().text_embedding(tiny_model, encoder, "a quiet harbour")[1] == MISS
+    querycache.write_behind.flush()
+    assert cache.get(key) is None
+    # Another process encodes it again.
+    assert QueryEmbeddingCache().text_embedding(tiny_model, encoder, "a quiet harbour")[1] == MISS
+    assert len(calls) == 2
+
+
 def test_the_key_is_the_text_as_the_tokenizer_sees_it(tiny_model, encoder):
     key = lambda text: cache_key(tiny_model, encoder, encoder.token_ids([text]))  # noqa: E731
     assert key("a red square") == key("  A red   square! ")
