@@ -294,10 +294,10 @@ def search_asset(asset_id, k=10) -> SearchResult:
         asset_id = int(asset_id)
     except (TypeError, ValueError):
         raise InvalidQuery("asset_id must be a whole number.") from None
+    if not ImageAsset.objects.filter(pk=asset_id).exists():
+        raise ImageAsset.DoesNotExist(f"No image with id {asset_id}.")
 
     def search(model, check):
-        if not ImageAsset.objects.filter(pk=asset_id).exists():
-            raise ImageAsset.DoesNotExist(f"No image with id {asset_id}.")
         row = Embedding.objects.filter(model=model, asset_id=asset_id).first()
         if row is None:
             raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
