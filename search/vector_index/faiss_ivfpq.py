@@ -270,12 +270,11 @@ class FaissIVFPQIndex(VectorIndex):
     def _centroids(self, lists: np.ndarray) -> np.ndarray:
         return self._ivf().quantizer.reconstruct_batch(lists.astype(np.int64))
 
-    def _build_codec(self, vectors: np.ndarray, lists: np.ndarray | None):
-        centroids = self._centroids(lists) if lists is not None else None
-        return train_rerank_codec(self.params["refine"], vectors, centroids)
-
-    def _encode_rows(self, vectors: np.ndarray, lists: np.ndarray) -> np.ndarray:
-        return encode_rerank(self._codec, vectors, self._centroids(lists) if self._residual else None)
+    def _encode_rows(self, vectors: np.ndarray, lists: np.ndarray, centroids: np.ndarray | None = None) -> np.ndarray:
+        """Re-ranking codes of ``vectors`` (``centroids``: their lists', when already at hand)."""
+        if self._residual and centroids is None:
+            centroids = self._centroids(lists)
+        return encode_rerank(self._codec, vectors, centroids if self._residual else None)
 
     def _decode_rows(self, rows: np.ndarray) -> np.ndarray:
         centroids = self._centroids(self._lists[rows]) if self._residual else None
@@ -368,18 +367,22 @@ class FaissIVFPQIndex(VectorIndex):
             del assign
         self.params = {**self.params, "nlist": int(nlist), "pq_m": int(pq_m)}
         self._index = index
-        assigned = None  # (vectors in the lists' space, their lists), when already computed
+        # (vectors in the lists' space, their lists, those lists' centroids), when computed already
+        assigned = None
         if self._refining:
             in_ivf = self._ivf_space(vectors)
             lists = self._assign(in_ivf) if self._residual or buffer_is_training else None
-            self._codec = self._build_codec(in_ivf, lists if self._residual else None)
+            centroids = self._centroids(lists) if self._residual else None
+            self._codec = train_rerank_codec(self.params["refine"], in_ivf, centroids)
             self._codes = np.empty((0, self._code_size), dtype=np.uint8)
             if buffer_is_training:
-                assigned = (np.ascontiguousarray(in_ivf, dtype=np.float32), lists)
+                assigned = (np.ascontiguousarray(in_ivf, dtype=np.float32), lists, centroids)
+            del centroids
         ids, buffered = self._buffer_ids, self._buffer_vectors
         self._buffer_ids = np.empty(0, dtype=np.int64)
         self._buffer_vectors = np.empty((0, self.dim), dtype=np.float32)
-        # Trained on the buffer itself: its rows are assigned to their lists once, not twice.
+        # Trained on the buffer itself: its rows are assigned to their lists (and their
+        # centroids looked up) once, not twice.
         rows = self._encode(ids, buffered, assigned) if len(ids) else None
         if rows is not None:  # every stored id was buffered until now
             self._sorted_rows = np.empty(len(self._sorted_ids), dtype=np.int64)
@@ -395,20 +398,20 @@ class FaissIVFPQIndex(VectorIndex):
     def _encode(self, ids: np.ndarray, vectors: np.ndarray, assigned=None) -> np.ndarray | None:
         """Put rows into the inverted lists (and their codes into the re-ranking
         store: their row numbers are returned). ``assigned``: the rows already in
-        the lists' space and assigned, ``(in_ivf, lists)``."""
+        the lists' space and assigned, ``(in_ivf, lists, centroids or None)``."""
         ivf = self._ivf()
         if assigned is None:
             in_ivf = np.ascontiguousarray(self._ivf_space(vectors), dtype=np.float32)
-            lists = self._assign(in_ivf)
+            lists, centroids = self._assign(in_ivf), None
         else:
-            in_ivf, lists = assigned
+            in_ivf, lists, centroids = assigned
         # One assignment serves both the inverted lists and the re-ranking code.
         ivf.add_core(len(ids), faiss.swig_ptr(in_ivf), faiss.swig_ptr(np.ascontiguousarray(ids, dtype=np.int64)),
                      faiss.swig_ptr(np.ascontiguousarray(lists, dtype=np.int64)))
         self._index.ntotal = ivf.ntotal  # a pre-transform wrapper does not see add_core
         if not self._refining:
             return None
-        return self._append_rows(self._encode_rows(in_ivf, lists), lists.astype(np.int32))
+        return self._append_rows(self._encode_rows(in_ivf, lists, centroids), lists.astype(np.int32))
 
     def add(self, ids, vectors) -> None:
         ids, vectors = upsert_batch(ids, vectors, self.dim)
