@@ -48,6 +48,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -722,10 +723,7 @@ class Command(BaseCommand):
         ok = [s for s in samples if s["status"] == 200]
         timing = lambda key: [s["timing"].get(key) for s in ok]  # noqa: E731
         http_overhead = [s["wall_ms"] - s["timing"]["view"] for s in ok if "view" in s["timing"]]
-        caches: dict = {}
-        for s in ok:
-            if "cache" in s["timing"]:
-                caches[s["timing"]["cache"]] = caches.get(s["timing"]["cache"], 0) + 1
+        caches = dict(Counter(s["timing"]["cache"] for s in ok if "cache" in s["timing"]))
         # Whether the index's neighbours came from the served version's result cache, and
         # the requests' latency either way.
         by_results: dict = {}
