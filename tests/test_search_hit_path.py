@@ -281,9 +281,13 @@ def test_warm_up_without_an_active_model_lets_the_worker_start(db, clean_state):
 def test_each_web_worker_warms_up_in_the_background(monkeypatch):
     import threading
 
+    from django.urls import clear_url_caches, get_resolver
+
     from portal import gunicorn
 
     ran = threading.Event()
     monkeypatch.setattr(queries, "warm_up", ran.set)
+    clear_url_caches()
     gunicorn.post_worker_init(worker=None).join(timeout=30)
     assert ran.is_set()
+    assert "url_patterns" in vars(get_resolver()), "the URL configuration is loaded before the first request"
