@@ -309,8 +309,10 @@ def embed_assets_bulk(
 
     from search.models import Caption, ImageAsset
 
+    from search.locking import lock_assets
+
     from .models import Embedding
-    from .services import active_model, encoder_for
+    from .services import active_model, encoder_for, mark_complete
 
     if index not in ("sync", "schedule", "none"):
         raise ValueError(f"index must be 'sync', 'schedule' or 'none', got {index!r}")
@@ -345,12 +347,10 @@ def embed_assets_bulk(
         pending.clear()
         ids = [r[0] for r in rows]
         with transaction.atomic():
-            live = set(ImageAsset.objects.select_for_update().filter(pk__in=ids).values_list("pk", flat=True))
+            live = set(lock_assets(ids))  # assets deleted meanwhile get nothing
             rows = [r for r in rows if r[0] in live]
             insert_vectors(model, "asset", rows)
-            ImageAsset.objects.filter(pk__in=[r[0] for r in rows]).update(
-                status=ImageAsset.Status.EMBEDDED, error=""
-            )
+            mark_complete(model, live)  # those whose captions are done too; the rest after the text stage
         embedded.extend(r[0] for r in rows)
         result.seconds["store"] += time.perf_counter() - t0
 
@@ -402,33 +402,35 @@ def embed_assets_bulk(
 
     if result.failed:
         reasons = {i: r[:2000] for i, r in result.failed.items()}
-        ImageAsset.objects.filter(pk__in=list(reasons)).update(
-            status=ImageAsset.Status.FAILED,
-            error=Case(*[When(pk=i, then=Value(r)) for i, r in reasons.items()], default=Value("")),
-        )
-    # Assets that had their image vector already are "embedded" too.
-    ImageAsset.objects.filter(pk__in=list(done)).exclude(status=ImageAsset.Status.EMBEDDED).update(
-        status=ImageAsset.Status.EMBEDDED, error=""
-    )
+        with transaction.atomic():
+            ImageAsset.objects.filter(pk__in=lock_assets(reasons)).update(
+                status=ImageAsset.Status.FAILED,
+                error=Case(*[When(pk=i, then=Value(r)) for i, r in reasons.items()], default=Value("")),
+            )
 
     # Captions of these assets without a vector for the model.
     t0 = time.perf_counter()
     captions = list(
         Caption.objects.filter(asset_id__in=wanted).exclude(embeddings__model=model).order_by("id")
-        .values_list("id", "text")
+        .values_list("id", "asset_id", "text")
     )
     if captions:
-        vectors = encoder.encode_texts([text for _, text in captions], batch_size=256 if cuda else 64)
+        vectors = encoder.encode_texts([text for _, _, text in captions], batch_size=256 if cuda else 64)
         result.seconds["text"] += time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows = [(cid, Embedding.pack(v)) for (cid, _), v in zip(captions, vectors)]
         with transaction.atomic():
-            live = set(Caption.objects.filter(pk__in=[c for c, _ in captions]).values_list("pk", flat=True))
-            rows = [r for r in rows if r[0] in live]
+            lock_assets({asset_id for _, asset_id, _ in captions})
+            # Only captions still there with the text they were encoded from.
+            texts = dict(Caption.objects.filter(pk__in=[c for c, _, _ in captions]).values_list("pk", "text"))
+            rows = [(cid, Embedding.pack(v)) for (cid, _, text), v in zip(captions, vectors) if texts.get(cid) == text]
             for start in range(0, len(rows), store_chunk):
                 insert_vectors(model, "caption", rows[start : start + store_chunk])
         result.captions = len(rows)
         result.seconds["store"] += time.perf_counter() - t0
+    # Assets complete now: their image had a vector already, or their captions just got theirs.
+    for start in range(0, len(wanted), store_chunk):
+        with transaction.atomic():
+            mark_complete(model, lock_assets(wanted[start : start + store_chunk]))
 
     if embedded or result.captions:
         t0 = time.perf_counter()

@@ -53,49 +53,84 @@ def register_model(source: str, *, name: str | None = None, kind: str = Embeddin
 def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:
     """Embed an image and its captions that have no vector yet; returns how many were stored.
 
-    Idempotent: running it twice stores nothing the second time.
+    Idempotent: running it twice stores nothing the second time. An asset deleted before
+    or while this runs is done (0), not an error.
     """
-    from search.indexing import schedule_index_sync
     from search.ingest import inspect_image
     from search.models import Caption, ImageAsset
 
     model = model or active_model()
-    try:
-        asset = ImageAsset.objects.get(pk=asset_id)
-    except ImageAsset.DoesNotExist:
+    asset = ImageAsset.objects.filter(pk=asset_id).first()
+    if asset is None:
         return 0  # deleted before its turn came
     encoder = encoder_for(model)
-    rows = []
-    if not Embedding.objects.filter(model=model, asset=asset).exists():
-        with asset.file.open("rb") as handle:
-            data = handle.read()
+    image_vector = None
+    if not Embedding.objects.filter(model=model, asset_id=asset_id).exists():
+        try:
+            with asset.file.open("rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            if not ImageAsset.objects.filter(pk=asset_id).exists():
+                return 0  # deleted while this ran: its file went with it
+            raise
         # The same caps as at upload (size, pixels from the header, format, complete data), so a
         # file that changed on disk or came in another way cannot take the worker down.
         inspect_image(data)
-        vector = encoder.encode_images([data])[0]
-        rows.append(Embedding(model=model, asset=asset, vector=Embedding.pack(vector)))
-    captions = list(
-        Caption.objects.filter(asset=asset).exclude(embeddings__model=model).order_by("id")
-    )
-    if captions:
-        vectors = encoder.encode_texts([c.text for c in captions])
-        rows += [Embedding(model=model, caption=c, vector=Embedding.pack(v)) for c, v in zip(captions, vectors)]
+        image_vector = encoder.encode_images([data])[0]
+    captions = list(Caption.objects.filter(asset_id=asset_id).exclude(embeddings__model=model)
+                    .order_by("id").values_list("id", "text"))
+    vectors = encoder.encode_texts([text for _, text in captions]) if captions else []
+    return store_vectors(model, asset_id, image_vector,
+                         [(caption_id, text, vector) for (caption_id, text), vector in zip(captions, vectors)])
+
+
+def store_vectors(model: EmbeddingModel, asset_id: int, image_vector, caption_vectors) -> int:
+    """Store the vectors of one asset, encoded before: ``image_vector`` (or ``None``) and
+    ``(caption id, text it was encoded from, vector)`` triples; how many were stored.
+
+    Under the asset's row lock (``search.locking``): nothing is stored for an asset deleted
+    meanwhile, nor for a caption deleted or edited since it was encoded (its new text gets
+    a vector from the task the edit queued)."""
+    from search.locking import retry_on_conflict
+
+    return retry_on_conflict(_store_vectors)(model, asset_id, image_vector, caption_vectors)
+
+
+def _store_vectors(model, asset_id, image_vector, caption_vectors) -> int:
+    from search.indexing import schedule_index_sync
+    from search.locking import lock_assets
+    from search.models import Caption
+
     with transaction.atomic():
-        # Rows of an asset deleted meanwhile would violate their foreign keys: skip them.
-        if not ImageAsset.objects.select_for_update().filter(pk=asset_id).exists():
+        if not lock_assets([asset_id]):
             return 0
-        live_captions = set(Caption.objects.filter(asset_id=asset_id).values_list("id", flat=True))
-        rows = [r for r in rows if r.caption_id is None or r.caption_id in live_captions]
+        texts = dict(Caption.objects.filter(asset_id=asset_id).values_list("id", "text"))
+        rows = [] if image_vector is None else [Embedding(model=model, asset_id=asset_id,
+                                                          vector=Embedding.pack(image_vector))]
+        rows += [Embedding(model=model, caption_id=caption_id, vector=Embedding.pack(vector))
+                 for caption_id, text, vector in caption_vectors if texts.get(caption_id) == text]
         Embedding.objects.bulk_create(rows, ignore_conflicts=True)
         # Captions added while this ran keep the asset pending: their own task (or the
         # reconciler) embeds them and marks it embedded then.
-        complete = Embedding.objects.filter(model=model, asset_id=asset_id).exists() and not (
-            Caption.objects.filter(asset_id=asset_id).exclude(embeddings__model=model).exists()
-        )
-        if complete:
-            ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.EMBEDDED, error="")
+        mark_complete(model, [asset_id])
         schedule_index_sync(model.pk)
     return len(rows)
+
+
+def mark_complete(model: EmbeddingModel, asset_ids) -> int:
+    """Mark ``embedded`` those of these assets whose image and every caption have a vector of
+    ``model``; how many. Callers hold the asset rows (``search.locking.lock_assets``)."""
+    from django.db.models import Exists, OuterRef
+
+    from search.models import Caption, ImageAsset
+
+    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
+    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
+        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
+    )
+    return (ImageAsset.objects.filter(pk__in=list(asset_ids)).filter(Exists(image_done)).exclude(Exists(caption_missing))
+            .exclude(status=ImageAsset.Status.EMBEDDED, error="")
+            .update(status=ImageAsset.Status.EMBEDDED, error=""))
 
 
 def assets_missing_vectors(model: EmbeddingModel):

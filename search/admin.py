@@ -8,6 +8,7 @@ from django.utils.html import format_html
 
 from . import ingest
 from .api.access import UploadThrottle, check_throttles
+from .locking import lock_assets
 from .models import Caption, ImageAsset, IndexBuild, normalise_text
 
 
@@ -114,6 +115,10 @@ class ImageAssetAdmin(admin.ModelAdmin):
 
     def save_model(self, request, obj, form, change):
         if change:
+            # The asset row first, as every writer does (search/locking.py); saving a row
+            # deleted meanwhile would insert it again, without its file.
+            if not lock_assets([obj.pk]):
+                raise ImageAsset.DoesNotExist(f"{obj} was deleted while it was being edited; nothing was saved.")
             return super().save_model(request, obj, form, change)
         result = ingest.ingest_image(form.image_bytes, [], original_name=form.image_name,
                                      user=request.user, collection=form.cleaned_data.get("collection", ""),
@@ -127,14 +132,32 @@ class ImageAssetAdmin(admin.ModelAdmin):
 
     def save_formset(self, request, form, formset, change):
         if change:
-            super().save_formset(request, form, formset, change)
-            ingest.queue_embed(form.instance.pk)  # new captions get vectors; existing ones are skipped
+            self._save_caption_changes(form.instance, formset)
             return
         texts = [f.cleaned_data["text"] for f in formset.forms
                  if f.cleaned_data and not f.cleaned_data.get("DELETE") and f.cleaned_data.get("text")]
         result = ingest.add_captions(form.instance, texts, created=True)
         # What the admin's history message reads.
         formset.new_objects, formset.changed_objects, formset.deleted_objects = result.new_captions, [], []
+
+    def _save_caption_changes(self, asset, formset):
+        """The inline's additions, edits and removals, through the same service (and lock) as
+        every other writer of captions."""
+        add, edit, remove = [], {}, []
+        for caption_form in formset.forms:
+            data = getattr(caption_form, "cleaned_data", None) or {}
+            caption = caption_form.instance
+            if caption.pk is None:
+                if data.get("text") and not data.get("DELETE"):
+                    add.append(data["text"])
+            elif data.get("DELETE"):
+                remove.append(caption.pk)
+            elif caption_form.has_changed() and data.get("text"):
+                edit[caption.pk] = data["text"]
+        changes = ingest.update_captions(asset, add=add, edit=edit, remove=remove)
+        # What the admin's history message reads.
+        formset.new_objects, formset.deleted_objects = changes.added, changes.removed
+        formset.changed_objects = [(caption, ["text"]) for caption in changes.edited]
 
     def delete_model(self, request, obj):
         self.delete_queryset(request, ImageAsset.objects.filter(pk=obj.pk))
@@ -192,7 +215,14 @@ class ImageAssetAdmin(admin.ModelAdmin):
                       status=400 if request.method == "POST" else 200)
 
     def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
-        response = super().changeform_view(request, object_id, form_url, extra_context)
+        try:
+            response = super().changeform_view(request, object_id, form_url, extra_context)
+        except ImageAsset.DoesNotExist as exc:  # deleted by someone else meanwhile; nothing was kept
+            messages.error(request, str(exc))
+            return redirect(reverse("admin:search_imageasset_changelist"))
+        except ingest.InvalidUpload as exc:  # a caption another writer added meanwhile, say
+            messages.error(request, f"Nothing was saved: {exc}")
+            return redirect(request.path)
         if request.method == "POST" and response.status_code == 200:
             response.status_code = 400  # the form came back with its errors: the input was refused
         return response

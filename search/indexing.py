@@ -46,8 +46,7 @@ def stored_ids(model: EmbeddingModel, modality: str) -> np.ndarray:
     return np.fromiter(rows.values_list(key, flat=True), dtype=np.int64)
 
 
-def stored_vectors(model: EmbeddingModel, modality: str, ids) -> np.ndarray:
-    """Vectors of the given row ids, in that order."""
+def _vectors_by_id(model: EmbeddingModel, modality: str, ids) -> dict[int, np.ndarray]:
     rows, key = _embedding_rows(model, modality)
     ids = [int(i) for i in ids]
     found: dict[int, np.ndarray] = {}
@@ -55,9 +54,30 @@ def stored_vectors(model: EmbeddingModel, modality: str, ids) -> np.ndarray:
         chunk = ids[start : start + FETCH_CHUNK]
         for row_id, blob in rows.filter(**{f"{key}__in": chunk}).values_list(key, "vector"):
             found[row_id] = np.frombuffer(bytes(blob), dtype="<f4")
-    if not ids:
+    return found
+
+
+def _stack(model: EmbeddingModel, vectors: list) -> np.ndarray:
+    if not vectors:
         return np.zeros((0, model.dimension), dtype=np.float32)
-    return np.stack([found[i] for i in ids]).astype(np.float32, copy=False)
+    return np.stack(vectors).astype(np.float32, copy=False)
+
+
+def stored_vectors(model: EmbeddingModel, modality: str, ids) -> np.ndarray:
+    """Vectors of the given row ids, in that order (every one must be stored)."""
+    found = _vectors_by_id(model, modality, ids)
+    missing = [int(i) for i in ids if int(i) not in found]
+    if missing:
+        raise LookupError(f"no {modality} vector of {model} for ids {missing[:10]}")
+    return _stack(model, [found[int(i)] for i in ids])
+
+
+def current_vectors(model: EmbeddingModel, modality: str, ids) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of those of the given row ids still stored, in that order: a row
+    deleted since its id was read is left out (its asset is gone)."""
+    found = _vectors_by_id(model, modality, ids)
+    kept = np.asarray([int(i) for i in ids if int(i) in found], dtype=np.int64)
+    return kept, _stack(model, [found[int(i)] for i in kept])
 
 
 def latest_build(model: EmbeddingModel, modality: str) -> IndexBuild | None:
@@ -152,12 +172,17 @@ def sync_index(model: EmbeddingModel, modality: str, *, rebuild: bool = False) -
             return SyncResult(modality, 0, 0, previous)
         if len(extra):
             index.remove(extra)
+        added = 0
         for start in range(0, len(missing), FETCH_CHUNK):
-            chunk = missing[start : start + FETCH_CHUNK]
-            index.add(chunk, stored_vectors(model, modality, chunk))
+            chunk, vectors = current_vectors(model, modality, missing[start : start + FETCH_CHUNK])
+            if len(chunk):
+                index.add(chunk, vectors)
+                added += len(chunk)
+        if previous is not None and not added and not len(extra):
+            return SyncResult(modality, 0, 0, previous)  # what was missing was deleted meanwhile
         build = _save_version(model, modality, index, previous)
     _prune_old_versions(model, modality)
-    return SyncResult(modality, len(missing), len(extra), build)
+    return SyncResult(modality, added, len(extra), build)
 
 
 def _save_version(model, modality, index: VectorIndex, previous: IndexBuild | None) -> IndexBuild:

@@ -25,9 +25,12 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, transaction
 from PIL import Image, UnidentifiedImageError
 
+from embeddings.models import Embedding
+
+from .locking import lock_assets, lock_content, retry_on_conflict
 from .models import Caption, ImageAsset, image_upload_path, normalise_text
 
 log = logging.getLogger(__name__)
@@ -211,46 +214,66 @@ def ingest_image(
 ) -> IngestResult:
     """Store an image (deduplicated by sha256) and its captions; queue embedding on commit.
 
-    Re-uploading the same bytes returns the existing asset, adding any captions it
-    did not have yet.
+    Re-uploading the same bytes returns the existing asset, adding any captions it did not
+    have yet (and its file, should that have been lost). Uploads of the same bytes are
+    serialised by the content lock (``search.locking``), so of any number of concurrent
+    ones exactly one creates the asset and the others add their captions to it.
     """
     info = inspect_image(data)
     captions = clean_captions(captions)
     digest = hashlib.sha256(data).hexdigest()
     user = user if getattr(user, "is_authenticated", False) else None
+    return _store_upload(data, info, digest, captions, original_name=clean_name(original_name), user=user,
+                         collection=collection, queue_embedding=queue_embedding)
 
-    existing = ImageAsset.objects.filter(sha256=digest).first()
-    if existing is not None:
-        return add_captions(existing, captions, created=False, queue_embedding=queue_embedding)
 
-    asset = ImageAsset(
-        sha256=digest,
-        original_name=clean_name(original_name),
-        width=info.width,
-        height=info.height,
-        format=info.format,
-        collection=collection,
-        uploaded_by=user,
-    )
-    name = image_upload_path(asset, f"upload.{EXTENSIONS[info.format]}")
-    storage = asset.file.storage
+@retry_on_conflict
+def _store_upload(data, info, digest, captions, *, original_name, user, collection, queue_embedding) -> IngestResult:
+    storage = ImageAsset._meta.get_field("file").storage
+    with transaction.atomic():
+        lock_content(digest)
+        existing = ImageAsset.objects.select_for_update().filter(sha256=digest).first()
+        if existing is not None:
+            restored = _ensure_file(storage, existing.file.name, data, digest)
+            if restored:
+                log.warning("asset %s had lost its image file; the upload of the same bytes restored it", existing.pk)
+            new = _add_captions_locked(existing, captions)
+            if (new or restored) and queue_embedding:
+                _mark_pending(existing)
+                queue_embed(existing.pk)
+            _note_captions(existing)
+            return IngestResult(asset=existing, created=False, new_captions=new)
+        asset = ImageAsset(sha256=digest, original_name=original_name, width=info.width, height=info.height,
+                           format=info.format, collection=collection, uploaded_by=user)
+        name = image_upload_path(asset, f"upload.{EXTENSIONS[info.format]}")
+        wrote = _ensure_file(storage, name, data, digest)
+        asset.file.name = name
+        try:
+            with transaction.atomic():
+                asset.save()
+                new = _add_captions_locked(asset, captions)
+        except BaseException:
+            if wrote:  # still under the content lock: no other upload can be using this file
+                storage.delete(name)
+            raise
+        if queue_embedding:
+            queue_embed(asset.pk)
+        _note_captions(asset)
+        return IngestResult(asset=asset, created=True, new_captions=new)
+
+
+def _ensure_file(storage, name: str, data: bytes, digest: str) -> bool:
+    """Make ``name`` hold exactly these bytes; whether it had to be written. Only under the
+    content lock of ``digest``: the name is made from the hash, so no other writer is at it."""
     if _holds(storage, name, digest):
-        asset.file.name = name  # content-addressed: a file left by an earlier failed attempt is these bytes
-    else:
-        asset.file.save(name, ContentFile(data), save=False)
-    try:
-        with transaction.atomic():
-            asset.save()
-            result = add_captions(asset, captions, created=True, queue_embedding=queue_embedding)
-    except IntegrityError:
-        # The same bytes arrived concurrently: keep the winner, drop our file.
-        asset.file.storage.delete(asset.file.name)
-        winner = ImageAsset.objects.get(sha256=digest)
-        return add_captions(winner, captions, created=False, queue_embedding=queue_embedding)
-    except BaseException:
-        asset.file.storage.delete(asset.file.name)
-        raise
-    return result
+        return False  # content-addressed: a file left by an earlier attempt or asset is these bytes
+    if storage.exists(name):
+        storage.delete(name)  # torn by a writer that died mid-write
+    saved = storage.save(name, ContentFile(data))
+    if saved != name:
+        storage.delete(saved)
+        raise OSError(f"the image could not be stored under {name} (the storage chose {saved})")
+    return True
 
 
 def _holds(storage, name: str, digest: str) -> bool:
@@ -264,21 +287,90 @@ def _holds(storage, name: str, digest: str) -> bool:
         return False
 
 
+def _add_captions_locked(asset, captions) -> list[Caption]:
+    """Create the captions the asset does not have yet (compared normalised); its row is locked."""
+    known = set(Caption.objects.filter(asset_id=asset.pk).values_list("normalized_text", flat=True))
+    new = []
+    for text in captions:
+        if normalise_text(text) not in known:
+            new.append(Caption.objects.create(asset=asset, text=text))
+            known.add(normalise_text(text))
+    return new
+
+
+def _note_captions(asset) -> None:
+    """The asset's caption texts as this transaction leaves them (``caption_texts``, as a search
+    gathers them), so an answer about it needs no later read."""
+    asset.caption_texts = list(Caption.objects.filter(asset_id=asset.pk).order_by("id").values_list("text", flat=True))
+
+
+def _mark_pending(asset) -> None:
+    if asset.status != ImageAsset.Status.PENDING or asset.error:
+        ImageAsset.objects.filter(pk=asset.pk).update(status=ImageAsset.Status.PENDING, error="")
+        asset.status, asset.error = ImageAsset.Status.PENDING, ""
+
+
+def _gone(asset_id) -> ImageAsset.DoesNotExist:
+    return ImageAsset.DoesNotExist(f"Image {asset_id} was deleted meanwhile.")
+
+
 def add_captions(asset, captions, *, created=False, queue_embedding=True) -> IngestResult:
     """Add the captions the asset does not have yet (compared normalised); queue embedding."""
     captions = clean_captions(captions)
     with transaction.atomic():
-        known = set(asset.captions.values_list("normalized_text", flat=True))
-        new = []
-        for text in captions:
-            if normalise_text(text) not in known:
-                new.append(Caption.objects.create(asset=asset, text=text))
-                known.add(normalise_text(text))
+        if not lock_assets([asset.pk]):
+            raise _gone(asset.pk)
+        new = _add_captions_locked(asset, captions)
         if (created or new) and queue_embedding:
-            if new and asset.status != ImageAsset.Status.PENDING:
-                ImageAsset.objects.filter(pk=asset.pk).update(status=ImageAsset.Status.PENDING)
+            if new:
+                _mark_pending(asset)
             queue_embed(asset.pk)
     return IngestResult(asset=asset, created=created, new_captions=new)
+
+
+@dataclass
+class CaptionChanges:
+    added: list[Caption] = field(default_factory=list)
+    edited: list[Caption] = field(default_factory=list)
+    removed: list[Caption] = field(default_factory=list)
+
+
+def update_captions(asset, *, add=(), edit=None, remove=()) -> CaptionChanges:
+    """Add, edit (``{caption id: new text}``) and remove captions of an asset, under its row
+    lock. An edited caption loses its vectors (they describe the old text) and is embedded
+    again, like an added one; a vector of the old text that a worker was about to store is
+    refused by the worker, which compares the texts under the same lock."""
+    add = clean_captions(add)
+    edit = {int(k): clean_captions([v]) for k, v in (edit or {}).items()}
+    remove = {int(i) for i in remove}
+    changes = CaptionChanges()
+    with transaction.atomic():
+        if not lock_assets([asset.pk]):
+            raise _gone(asset.pk)
+        captions = {c.pk: c for c in Caption.objects.filter(asset_id=asset.pk)}
+        for caption_id in sorted(remove & set(captions)):
+            changes.removed.append(captions.pop(caption_id))
+        Caption.objects.filter(pk__in=[c.pk for c in changes.removed]).delete()
+        taken = {c.normalized_text for c in captions.values() if c.pk not in edit}
+        for caption_id, texts in sorted(edit.items()):
+            caption = captions.get(caption_id)
+            if caption is None or not texts or texts[0] == caption.text:
+                continue
+            if normalise_text(texts[0]) in taken:
+                raise InvalidUpload(f"The caption “{texts[0]}” is already there.")
+            caption.text = texts[0]
+            caption.save()
+            taken.add(caption.normalized_text)
+            changes.edited.append(caption)
+        Embedding.objects.filter(caption__in=[c.pk for c in changes.edited]).delete()
+        changes.added = _add_captions_locked(asset, [t for t in add if normalise_text(t) not in taken])
+        if changes.added or changes.edited:
+            _mark_pending(asset)
+        if changes.added or changes.edited or changes.removed:
+            # The worker embeds what has no vector and marks the asset complete again.
+            queue_embed(asset.pk)
+            _schedule_syncs()
+    return changes
 
 
 def queue_embed(asset_id: int) -> None:
@@ -292,30 +384,59 @@ def queue_embed(asset_id: int) -> None:
     transaction.on_commit(lambda: embed_asset.delay(asset_id), robust=True)
 
 
-def delete_assets(queryset) -> int:
-    """Delete assets (rows first, so they leave every search at once), then their files.
-
-    A file is only removed when no remaining asset points at it; a crash between the
-    two steps leaves an orphan file, which the reconciler removes later.
-    """
+def _schedule_syncs() -> None:
     from embeddings.models import EmbeddingModel
 
     from .indexing import schedule_index_sync
 
-    names = list(queryset.values_list("file", flat=True))
+    for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
+        schedule_index_sync(model_id)
+
+
+def delete_assets(queryset) -> int:
+    """Delete assets (rows first, so they leave every search at once), then their files;
+    how many this call deleted (an asset another call deleted first is not counted).
+
+    The asset rows are locked before anything else is touched, so a worker storing vectors
+    or an upload adding captions finishes first or finds the asset gone; the files are
+    removed after the commit, each under its content lock and only when no asset refers to
+    it (an upload of the same bytes may have come back meanwhile). A crash between the two
+    steps leaves an orphan file, which the reconciler removes later.
+    """
+    return _delete_rows(list(queryset.values_list("pk", flat=True)))
+
+
+@retry_on_conflict
+def _delete_rows(ids) -> int:
     with transaction.atomic():
-        count, _ = queryset.delete()
-        for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
-            schedule_index_sync(model_id)
+        live = lock_assets(ids)
+        if not live:
+            return 0
+        files = list(ImageAsset.objects.filter(pk__in=live).values_list("sha256", "file"))
+        ImageAsset.objects.filter(pk__in=live).delete()
+        _schedule_syncs()
+        transaction.on_commit(lambda: remove_unused_files(files), robust=True)
+    return len(live)
+
+
+def remove_unused_files(files) -> list[str]:
+    """Remove the stored files of these ``(sha256, name)`` pairs that no asset refers to, each
+    under its content lock; the names removed. Failures are logged: the reconciler retries."""
     storage = ImageAsset._meta.get_field("file").storage
-    still_used = set(ImageAsset.objects.filter(file__in=names).values_list("file", flat=True))
-    for name in names:
-        if name and name not in still_used:
-            try:
+    removed = []
+    for digest, name in files:
+        if not name:
+            continue
+        try:
+            with transaction.atomic():
+                lock_content(digest)
+                if ImageAsset.objects.filter(file=name).exists():
+                    continue
                 storage.delete(name)
-            except OSError:
-                log.warning("could not delete %s; the reconciler will", name, exc_info=True)
-    return count
+                removed.append(name)
+        except (OSError, DatabaseError):
+            log.warning("could not delete %s; the reconciler will", name, exc_info=True)
+    return removed
 
 
 # --- Bulk uploads ---------------------------------------------------------------

@@ -29,9 +29,13 @@ from django.conf import settings
 from django.core.cache import cache
 from django.utils import timezone
 
-from embeddings.models import EmbeddingModel
+from django.db import transaction
+from django.db.models import Q
 
-from . import indexing
+from embeddings.models import Embedding, EmbeddingModel
+
+from . import indexing, ingest
+from .locking import lock_assets, lock_content
 from .models import ImageAsset, IndexBuild
 
 log = logging.getLogger(__name__)
@@ -158,21 +162,34 @@ def _old_enough(path: Path, now: float) -> bool:
         return False
 
 
+MISSING_FILE_ERROR = ("The image file is missing from storage, so this image was taken out of search. "
+                      "Upload the same image again to restore it, or delete this entry.")
+
+
 def check_files(report: ReconcileReport, *, dry_run: bool = False) -> None:
+    """Stored files no asset refers to (removed, each under its content lock, once they are
+    an hour old: an upload may be about to commit its row) and assets whose file is gone
+    (marked failed and taken out of search: their vectors are dropped)."""
     now = time.time()
     media = Path(settings.MEDIA_ROOT)
     known = set(ImageAsset.objects.values_list("file", flat=True).iterator())
     images = media / "images"
+    candidates = []
     if images.is_dir():
         for path in images.rglob("*"):
             name = path.relative_to(media).as_posix()
             if path.is_file() and name not in known and _old_enough(path, now):
-                report.orphan_files.append(name)
-                if not dry_run:
-                    path.unlink(missing_ok=True)
-    for asset_id, name in ImageAsset.objects.values_list("pk", "file").iterator():
+                candidates.append((path.stem, name))
+    if dry_run:
+        report.orphan_files.extend(name for _, name in candidates)
+    else:
+        report.orphan_files.extend(ingest.remove_unused_files(candidates))
+    for asset_id, name in ImageAsset.objects.exclude(error=MISSING_FILE_ERROR).values_list("pk", "file").iterator():
         if not name or not (media / name).is_file():
             report.missing_files.append(asset_id)
+    if not dry_run:
+        for asset_id in report.missing_files:
+            _take_out_of_search(asset_id, media)
     index_root = Path(settings.INDEX_DIR)
     referenced = {Path(p).resolve() for p in IndexBuild.objects.values_list("file_path", flat=True)}
     if index_root.is_dir():
@@ -183,6 +200,22 @@ def check_files(report: ReconcileReport, *, dry_run: bool = False) -> None:
                     path.unlink(missing_ok=True)
     if report.missing_files:
         log.warning("%s assets have no image file: %s", len(report.missing_files), report.missing_files[:20])
+
+
+def _take_out_of_search(asset_id: int, media: Path) -> None:
+    """An asset whose file is gone: failed, with its vectors dropped (under its content lock and
+    row lock, and only if the file is still missing then: an upload may have restored it)."""
+    asset = ImageAsset.objects.filter(pk=asset_id).first()
+    if asset is None:
+        return
+    with transaction.atomic():
+        lock_content(asset.sha256)
+        if not lock_assets([asset_id]) or (asset.file.name and (media / asset.file.name).is_file()):
+            return
+        Embedding.objects.filter(Q(asset_id=asset_id) | Q(caption__asset_id=asset_id)).delete()
+        ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.FAILED, error=MISSING_FILE_ERROR)
+        for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
+            indexing.schedule_index_sync(model_id)
 
 
 def reconcile(*, stuck_after: float | None = None, files: bool = False, dry_run: bool = False) -> ReconcileReport:

@@ -127,7 +127,9 @@ def celery_worker_process(transactional_db, clean_state):
     env = dict(os.environ, DATABASE_URL=_test_database_url(), DJANGO_SETTINGS_MODULE="portal.settings",
                MEDIA_ROOT=str(settings.MEDIA_ROOT), INDEX_DIR=str(settings.INDEX_DIR))
     hostname = f"test-worker-{os.getpid()}-{time.monotonic_ns()}@localhost"
-    log = open(Path(settings.STATE_DIR) / "test-worker.log", "ab")
+    log_path = Path(settings.STATE_DIR) / "test-worker.log"
+    log = open(log_path, "ab")
+    log_start = log.tell()
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "portal", "worker", "--pool=solo", "--loglevel=INFO",
          "--without-gossip", "--without-mingle", "-n", hostname],
@@ -138,6 +140,7 @@ def celery_worker_process(transactional_db, clean_state):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise RuntimeError(f"celery worker did not start; see {log.name}")
+    proc.log_path, proc.log_start = log_path, log_start  # what this test's worker logged starts here
     yield proc
     proc.terminate()
     try:

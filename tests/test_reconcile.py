@@ -168,12 +168,14 @@ def test_the_reconciler_runs_on_celery_beat(settings):
     assert 0 < entry["schedule"] <= 3600 and entry["options"]["expires"] <= entry["schedule"]
 
 
-def test_a_deleted_image_leaves_every_search_at_once(tiny_model, isolated, staff_client, api_client):
+def test_a_deleted_image_leaves_every_search_at_once(tiny_model, isolated, staff_client, api_client,
+                                                    django_capture_on_commit_callbacks):
     keep = add((200, 10, 10), ["a red square", "a crimson block"])
     gone = add((10, 10, 200), ["a blue circle", "the blue one"])
     indexing.sync_indices(tiny_model)
     gone_captions = set(Caption.objects.filter(asset=gone).values_list("pk", flat=True))
-    assert staff_client.delete(f"/api/assets/{gone.pk}/").status_code == 204
+    with django_capture_on_commit_callbacks(execute=True):  # the file goes once the delete has committed
+        assert staff_client.delete(f"/api/assets/{gone.pk}/").status_code == 204
     assert gone.pk in served_ids(tiny_model, "image")  # the index file still has it: no sync ran
     text = api_client.post("/api/search/text/", {"query": "a blue circle", "k": 10}, format="json").json()
     assert [r["asset"]["id"] for r in text["results"]] == [keep.pk]
@@ -194,7 +196,8 @@ def _file(data):
     return SimpleUploadedFile("q.png", data, content_type="image/png")
 
 
-def test_deleting_keeps_a_file_that_a_new_upload_of_the_same_bytes_uses(tiny_model, isolated, monkeypatch):
+def test_deleting_keeps_a_file_that_a_new_upload_of_the_same_bytes_uses(tiny_model, isolated, monkeypatch,
+                                                                        django_capture_on_commit_callbacks):
     """Files are named by content: if the same bytes are uploaded again while a delete is under
     way, the delete must not remove the file the new row points at."""
     from search import ingest
@@ -210,11 +213,13 @@ def test_deleting_keeps_a_file_that_a_new_upload_of_the_same_bytes_uses(tiny_mod
                 sha256=first.sha256, file=first.file.name, width=1, height=1, format="PNG")
 
     monkeypatch.setattr(indexing, "schedule_index_sync", upload_meanwhile)
-    ingest.delete_assets(ImageAsset.objects.filter(pk=first.pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        ingest.delete_assets(ImageAsset.objects.filter(pk=first.pk))
     assert not ImageAsset.objects.filter(pk=first.pk).exists()
     assert Path(again["asset"].file.path).exists()
     monkeypatch.undo()
-    ingest.delete_assets(ImageAsset.objects.filter(pk=again["asset"].pk))
+    with django_capture_on_commit_callbacks(execute=True):
+        ingest.delete_assets(ImageAsset.objects.filter(pk=again["asset"].pk))
     assert not Path(first.file.path).exists()
 
 
@@ -324,8 +329,38 @@ def test_a_file_left_by_an_interrupted_upload_is_reused_only_when_it_holds_the_s
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(data[:-7])  # torn by a crash mid-write: not trusted
     torn = ingest_image(data, queue_embedding=False).asset
-    assert torn.file.name != name and Path(torn.file.path).read_bytes() == data
+    # Replaced under the content lock: the name stays the hash's, the bytes are the upload's.
+    assert torn.file.name == name and Path(torn.file.path).read_bytes() == data
+    assert [p.name for p in leftover.parent.iterdir()] == [leftover.name]
     ImageAsset.objects.filter(pk=torn.pk).delete()
     leftover.write_bytes(data)  # complete: the same content under its content-derived name
     whole = ingest_image(data, queue_embedding=False).asset
     assert whole.file.name == name
+
+
+def test_an_asset_whose_file_is_lost_leaves_search_and_an_upload_of_the_same_bytes_restores_it(
+    tiny_model, isolated, django_capture_on_commit_callbacks
+):
+    data = image_bytes((5, 150, 5))
+    lost = ingest_image(data, ["a green square"], queue_embedding=False).asset
+    services.embed_asset(lost.pk, tiny_model)
+    indexing.sync_indices(tiny_model)
+    Path(lost.file.path).unlink()  # storage lost it
+    report = reconcile.reconcile(files=True)
+    assert report.missing_files == [lost.pk]
+    lost.refresh_from_db()
+    assert lost.status == "failed" and "missing" in lost.error
+    assert not Embedding.objects.filter(asset=lost).exists()
+    assert not Embedding.objects.filter(caption__asset=lost).exists()
+    indexing.sync_indices(tiny_model)
+    assert lost.pk not in served_ids(tiny_model, "image")
+    assert reconcile.reconcile(files=True).missing_files == []  # reported once, not on every run
+    with django_capture_on_commit_callbacks() as queued:
+        again = ingest_image(data, ["a green block"])
+    assert again.asset.pk == lost.pk and not again.created and len(queued) == 1
+    assert Path(lost.file.path).read_bytes() == data
+    lost.refresh_from_db()
+    assert lost.status == "pending" and lost.error == ""
+    services.embed_asset(lost.pk, tiny_model)
+    lost.refresh_from_db()
+    assert lost.status == "embedded" and Embedding.objects.filter(caption__asset=lost).count() == 2

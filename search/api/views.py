@@ -41,13 +41,14 @@ class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             ingest.read_upload(data["image"]), data["captions"], original_name=data["image"].name,
             user=request.user, collection=data["collection"],
         )
-        asset = self.get_queryset().get(pk=result.asset.pk)
-        return Response(self.get_serializer(asset).data,
+        # The asset as the upload committed it (a delete may follow at once: no fetch again).
+        return Response(self.get_serializer(result.asset).data,
                         status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
     def perform_destroy(self, instance):
         # Gone from every search as soon as the row is; the index files follow on the next sync.
-        ingest.delete_assets(ImageAsset.objects.filter(pk=instance.pk))
+        if not ingest.delete_assets(ImageAsset.objects.filter(pk=instance.pk)):
+            raise ImageAsset.DoesNotExist(f"Image {instance.pk} was already deleted by another request.")
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=False, methods=["post"])
