@@ -18,6 +18,8 @@ from django.views.decorators.http import require_safe
 from django.views.defaults import server_error as default_server_error
 from kombu.exceptions import OperationalError as BrokerError
 
+from search.locking import conflict_kind
+
 log = logging.getLogger(__name__)
 
 # Errors that mean "a service is down or restarting", not "this request is wrong".
@@ -31,10 +33,32 @@ UNAVAILABLE = (
 RETRY_AFTER_SECONDS = 5
 
 
-def unavailable_reason(exc: BaseException) -> str:
-    if isinstance(exc, (OperationalError, InterfaceError)):
-        return "The database is unavailable; try again in a few seconds."
-    return "The task queue is unavailable; try again in a few seconds."
+def _sqlstate(exc: BaseException) -> str:
+    cause = exc
+    while cause is not None:
+        if getattr(cause, "sqlstate", None):
+            return cause.sqlstate
+        cause = cause.__cause__
+    return ""
+
+
+def unavailable_status(exc: BaseException) -> tuple[int, str, int]:
+    """(status, reason, seconds to wait) for a request that failed on a service: the true
+    reason, so "unavailable" is said only when the service did not answer."""
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return 503, "The task queue is unavailable; try again in a few seconds.", RETRY_AFTER_SECONDS
+    kind = conflict_kind(exc)
+    if kind is not None:
+        return (409, f"Another change to the same item was being made at the same moment ({kind}); nothing was "
+                "saved. Try again.", 1)
+    state = _sqlstate(exc)
+    if state == "55P03":
+        return 503, "The database is busy: a lock could not be taken in time; try again in a few seconds.", 2
+    if state == "57014":
+        return 503, "The database took too long to answer; try again in a few seconds.", RETRY_AFTER_SECONDS
+    if state.startswith("53"):
+        return 503, f"The database is out of resources (SQLSTATE {state}); try again later.", RETRY_AFTER_SECONDS
+    return 503, "The database is unavailable; try again in a few seconds.", RETRY_AFTER_SECONDS
 
 
 def wants_json(request) -> bool:
@@ -58,9 +82,16 @@ def error_response(request, status: int, message: str, headers: dict | None = No
     return response
 
 
+def log_unavailable(request, exc: BaseException, status: int) -> None:
+    state = _sqlstate(exc)
+    log.warning("%s %s: %s, %s%s: %s", request.method, request.path, status, type(exc).__name__,
+                f" (SQLSTATE {state})" if state else "", " ".join(str(exc).split())[:300])
+
+
 def unavailable_response(request, exc: BaseException) -> HttpResponse:
-    log.warning("%s %s: 503, %s: %s", request.method, request.path, type(exc).__name__, str(exc).strip()[:200])
-    return error_response(request, 503, unavailable_reason(exc), {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    status, reason, wait = unavailable_status(exc)
+    log_unavailable(request, exc, status)
+    return error_response(request, status, reason, {"Retry-After": str(wait)})
 
 
 class ServiceUnavailableMiddleware:

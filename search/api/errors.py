@@ -12,7 +12,7 @@ from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 from embeddings.services import ModelNotAvailable, NoActiveModel
-from portal.middleware import UNAVAILABLE, unavailable_reason
+from portal.middleware import UNAVAILABLE, log_unavailable, unavailable_status
 from search.ingest import InvalidUpload
 from search.queries import InvalidQuery
 
@@ -25,8 +25,9 @@ def exception_handler(exc, context):
     if isinstance(exc, (NoActiveModel, ModelNotAvailable)):
         return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
     if isinstance(exc, UNAVAILABLE):
-        return Response({"detail": unavailable_reason(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE,
-                        headers={"Retry-After": "5"})
+        code, reason, wait = unavailable_status(exc)
+        log_unavailable(context["request"], exc, code)
+        return Response({"detail": reason}, status=code, headers={"Retry-After": str(wait)})
     if isinstance(exc, RequestDataTooBig):
         return Response({"detail": "The request body is larger than allowed."},
                         status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE)
