@@ -4,6 +4,8 @@
     python -m tests.faults.django_helpers index-setup N    # a second model with N stored vectors
     python -m tests.faults.django_helpers index-write      # rebuild its image index, slowly
     python -m tests.faults.django_helpers index-check      # what a freshly started process serves
+    python -m tests.faults.django_helpers soak-setup       # a curator for the admin
+    python -m tests.faults.django_helpers soak-check FILE  # the soak's invariants against its ledger
 
 ``index-write`` writes the index file in small slices with pauses and reports its phases
 (``writing``, ``renamed``, ``committed``) to FAULT_EVENTS, so the driver can kill it
@@ -152,6 +154,106 @@ def index_check() -> dict:
     }
 
 
+def soak_setup() -> dict:
+    """A curator who can log in to the admin."""
+    import secrets
+
+    from django.contrib.auth import get_user_model
+
+    password = secrets.token_urlsafe(16)
+    user, _ = get_user_model().objects.get_or_create(username="soak-curator",
+                                                     defaults={"is_staff": True, "is_superuser": True})
+    user.set_password(password)
+    user.save()
+    return {"username": user.username, "password": password}
+
+
+def soak_check(ledger_path: str) -> dict:
+    """The soak's invariants, from inside the portal: what the clients were told against what
+    the database, the media folder and the served indices hold."""
+    from pathlib import Path
+
+    import numpy as np
+    from django.conf import settings
+    from django.db import connection
+
+    from embeddings.models import Embedding, EmbeddingModel
+    from embeddings.services import encoder_for
+    from search import indexing
+    from search.models import Caption, ImageAsset, normalise_text
+
+    ledger = json.loads(Path(ledger_path).read_text())
+    deleted = set(ledger["deleted"])
+    edits = ledger["edits"]
+
+    def final_text(text):
+        seen = set()
+        while text in edits and text not in seen:
+            seen.add(text)
+            text = edits[text]
+        return normalise_text(text)
+
+    model = EmbeddingModel.objects.get(name="fault-tiny-siglip")
+    encoder = encoder_for(model)
+    acknowledged = {int(k): {final_text(t) for t in v} for k, v in ledger["captions"].items()}
+    kept = {k: v for k, v in acknowledged.items() if k not in deleted}
+    lost = duplicates = stale = 0
+    problems = []
+    for asset_id, texts in kept.items():
+        asset = ImageAsset.objects.filter(pk=asset_id).first()
+        if asset is None or asset.status != "embedded":
+            lost += 1
+            problems.append(f"asset {asset_id}: {'missing' if asset is None else asset.status + ' ' + asset.error}")
+            continue
+        vectors = Embedding.objects.filter(model=model, asset_id=asset_id).count()
+        lost += vectors == 0
+        duplicates += vectors > 1
+        stored = {c.normalized_text: c for c in Caption.objects.filter(asset_id=asset_id)}
+        for text in texts:
+            caption = stored.get(text)
+            rows = list(Embedding.objects.filter(model=model, caption=caption)) if caption else []
+            if caption is None or not rows:
+                lost += 1
+                problems.append(f"asset {asset_id}: caption {text!r} {'missing' if caption is None else 'no vector'}")
+                continue
+            duplicates += len(rows) > 1
+            wanted = encoder.encode_texts([caption.text])[0]
+            if float(rows[0].array @ wanted) < 0.999:
+                stale += 1
+                problems.append(f"caption {caption.pk}: its vector is not that of {caption.text!r}")
+    media = Path(settings.MEDIA_ROOT)
+    files = {p.relative_to(media).as_posix() for p in (media / "images").rglob("*") if p.is_file()} \
+        if (media / "images").is_dir() else set()
+    named = set(ImageAsset.objects.values_list("file", flat=True))
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM embeddings_embedding e LEFT JOIN search_imageasset a ON a.id = e.asset_id "
+            "LEFT JOIN search_caption c ON c.id = e.caption_id WHERE a.id IS NULL AND c.id IS NULL")
+        (orphan_vectors,) = cursor.fetchone()
+    served = indexing.LoadedIndices()
+    image_index = served.get(model, "image")
+    caption_index = served.get(model, "caption")
+    image_ids = set(image_index.ids().tolist()) if image_index is not None else set()
+    caption_ids = set(caption_index.ids().tolist()) if caption_index is not None else set()
+    live_ids = set(ImageAsset.objects.values_list("pk", flat=True))
+    unacknowledged = ImageAsset.objects.exclude(pk__in=list(acknowledged))
+    return {
+        "acknowledged": len(acknowledged), "deleted": len(deleted & set(acknowledged)), "kept": len(kept),
+        "kept_captions": sum(len(v) for v in kept.values()), "edited_captions": len(edits),
+        "lost": lost, "duplicates": duplicates, "stale_caption_vectors": stale,
+        "deleted_present": ImageAsset.objects.filter(pk__in=list(deleted)).count(),
+        "deleted_in_search": 0,
+        "orphan_files": len(files - named), "assets_without_file": len(named - files),
+        "orphan_vectors": orphan_vectors,
+        "index_rows_of_deleted": len((image_ids - live_ids) | (image_ids & deleted)),
+        "index_drift": len(image_ids ^ set(indexing.stored_ids(model, "image").tolist()))
+        + len(caption_ids ^ set(indexing.stored_ids(model, "caption").tolist())),
+        "unacknowledged": unacknowledged.count(),
+        "unacknowledged_pending": unacknowledged.exclude(status="embedded").count(),
+        "problems": problems[:20],
+    }
+
+
 def main(argv: list[str]) -> int:
     import django
 
@@ -168,6 +270,10 @@ def main(argv: list[str]) -> int:
                              float(os.environ.get("FAULT_HOLD", "0.3")))
     elif command == "index-check":
         result = index_check()
+    elif command == "soak-setup":
+        result = soak_setup()
+    elif command == "soak-check":
+        result = soak_check(args[0])
     else:
         raise SystemExit(f"unknown command {command}")
     print("RESULT " + json.dumps(result), flush=True)
