@@ -1,6 +1,18 @@
+import re
+from pathlib import PurePath
+
 import numpy as np
 from django.db import models, transaction
 from django.db.models import Q
+
+
+def public_model_name(name: str) -> str:
+    """A model's name as anyone may read it: a local checkpoint named by its path shows only its
+    folder's name (server paths are for staff); hub ids ("google/siglip-…") stay as they are."""
+    name = name or ""
+    if name.startswith(("/", "~", "./", "../", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name):
+        return PurePath(name.replace("\\", "/")).name or name
+    return name
 
 
 class EmbeddingModel(models.Model):
@@ -30,6 +42,10 @@ class EmbeddingModel(models.Model):
 
     def __str__(self):
         return self.name
+
+    @property
+    def public_name(self) -> str:
+        return public_model_name(self.name)
 
     @classmethod
     def active(cls):

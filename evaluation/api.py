@@ -40,6 +40,8 @@ class BenchmarkRunSerializer(serializers.ModelSerializer):
         request = self.context.get("request")
         if not (request and request.user and request.user.is_staff):
             data.pop("dataset_path", None)  # server paths are for staff eyes
+            data.pop("model_source", None)
+            data["model_name"] = run.public_model_name
         return data
 
 

@@ -6,6 +6,8 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
+from embeddings.models import public_model_name
+
 # No job runs longer than this (the task's time limit); an older run still marked
 # queued or running was lost with its worker.
 MAX_RUN_SECONDS = 6 * 3600
@@ -46,7 +48,7 @@ class BenchmarkRun(models.Model):
     model = models.ForeignKey(
         "embeddings.EmbeddingModel", null=True, blank=True, on_delete=models.SET_NULL, related_name="benchmark_runs"
     )
-    model_name = models.CharField(max_length=200, blank=True)
+    model_name = models.CharField(max_length=200, blank=True)  # as recorded; public_model_name for pages
     model_source = models.CharField(max_length=500, blank=True)
     index_backend = models.CharField(max_length=50, blank=True)
     index_params = models.JSONField(default=dict, blank=True)
@@ -84,6 +86,10 @@ class BenchmarkRun(models.Model):
 
     def __str__(self):
         return f"{self.dataset} {self.split} #{self.pk}"
+
+    @property
+    def public_model_name(self) -> str:
+        return public_model_name(self.model_name)
 
     @property
     def is_active(self) -> bool:

@@ -44,7 +44,7 @@ def recall_history(dataset: str, runs) -> bytes:
     axes = fig.subplots(1, 2, sharey=True)
     series = defaultdict(list)
     for run in runs:
-        series[(run.model_name or "?", run.gallery_images)].append(run)
+        series[(run.public_model_name or "?", run.gallery_images)].append(run)
     colours = {key: f"C{i % 10}" for i, key in enumerate(sorted(series))}
     reference = PUBLISHED_R1.get(dataset, {})
     for ax, (direction, title) in zip(axes, DIRECTIONS):

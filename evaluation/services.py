@@ -530,7 +530,7 @@ def save_sample_grid(run: BenchmarkRun, gallery: Gallery, text_tops: dict, image
         hits = [(captions[int(i)], int(i) in own, float(s)) for i, s in zip(ids, scores) if i >= 0]
         image_rows.append((assets[int(gallery.image_ids[q])], hits))
     title = textwrap.shorten(
-        f"{run.dataset} {run.split} · {run.gallery_images} images, {run.gallery_captions} captions · {run.model_name}",
+        f"{run.dataset} {run.split} · {run.gallery_images} images, {run.gallery_captions} captions · {run.public_model_name}",
         140,
     )
     png = plots.sample_grid(text_rows, image_rows, title=title)

@@ -194,3 +194,28 @@ def test_benchmarks_are_in_the_openapi_schema(api_client):
     assert {"get", "post"} <= set(schema["paths"]["/api/benchmarks/"])
     assert "get" in schema["paths"]["/api/benchmarks/{id}/"]
     assert "BenchmarkLaunch" in " ".join(schema["components"]["schemas"])
+
+
+def test_anonymous_visitors_see_no_server_paths_and_staff_do(client, staff_user, finished_run, tiny_model):
+    # A checkpoint registered without a name is named by its directory.
+    tiny_model.name = tiny_model.source
+    tiny_model.save()
+    finished_run.model_name = tiny_model.source
+    finished_run.save()
+    folder = tiny_model.source.rstrip("/").rsplit("/", 1)[-1]
+    pages = ["/", "/benchmarks/", f"/benchmarks/{finished_run.pk}/", f"/api/benchmarks/{finished_run.pk}/"]
+    for page in pages:
+        body = client.get(page).content.decode()
+        assert tiny_model.source not in body, page
+        assert "/data/flickr30k" not in body, page
+    assert folder in client.get("/").content.decode()
+    assert client.get(f"/api/benchmarks/{finished_run.pk}/").json()["model_name"] == folder
+    client.force_login(staff_user)
+    for page in pages:
+        assert tiny_model.source in client.get(page).content.decode(), page
+
+
+def test_every_page_has_a_favicon(client):
+    response = client.get("/favicon.ico", follow=True)
+    assert response.status_code == 200
+    assert b"".join(response.streaming_content)[:4] == b"\x00\x00\x01\x00"  # an ICO file

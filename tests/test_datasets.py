@@ -226,6 +226,10 @@ def test_import_command_imports_and_turns_errors_into_command_errors(flickr, cap
     assert collection_state("flickr30k-test") == (2, 10)
     call_command("import_dataset", str(flickr.parent), "--collection", "flickr-all", "--no-embed")
     assert collection_state("flickr-all") == (1, 5)  # the first two stay in the collection they came with
+    capsys.readouterr()
+    call_command("import_dataset", str(flickr), "--limit", "2")  # nothing new: nothing is queued
+    out = capsys.readouterr().out
+    assert "0 images added, 2 already present, 0 new captions." in out and "queued" not in out
 
     (flickr.parent / "flickr30k-images" / "img_0001.jpg").unlink()
     with pytest.raises(CommandError, match=r"images\[1\] \(img_0001.jpg\)"):

@@ -125,5 +125,5 @@ def search_response(result, request, *, captions: bool) -> dict:
         {"asset": asset_data(hit.asset, absolute_url), "score": hit.score} for hit in result.images
     ]
     body["took_ms"] = result.took_ms
-    body["model"] = result.model.name
+    body["model"] = result.model.public_name
     return body

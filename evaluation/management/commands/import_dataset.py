@@ -40,5 +40,6 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(
             f"Collection {result.collection}: {result.created} images added, {result.existing} already present, "
             f"{result.new_captions} new captions."
-            + ("" if options["no_embed"] else " Embedding is queued for the worker.")
+            + ("" if options["no_embed"] or not (result.created or result.new_captions)
+               else " Embedding is queued for the worker.")
         ))
