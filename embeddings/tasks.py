@@ -54,6 +54,13 @@ def _forget_deliveries(task) -> None:
 @shared_task(bind=True, autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8,
              time_limit=EMBED_TIME_LIMIT, soft_time_limit=EMBED_TIME_LIMIT - 30)
 def embed_asset(self, asset_id: int) -> int:
+    # The model loads before this delivery is counted: a worker that dies while loading it
+    # (a fresh worker takes seconds) has not died on this image, and must not count against it.
+    try:
+        services.encoder_for(services.active_model())
+    except services.ModelNotAvailable as exc:
+        services.mark_failed(asset_id, f"{type(exc).__name__}: {exc}")
+        raise
     crashes = _crashes_before(self, asset_id)
     if crashes >= settings.EMBED_MAX_CRASHES:
         log.error("asset %s: the worker stopped %s times while embedding it; marking it failed", asset_id, crashes)

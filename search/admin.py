@@ -93,6 +93,7 @@ class ImageAssetAdmin(admin.ModelAdmin):
     search_fields = ["original_name", "captions__text", "sha256"]
     readonly_fields = ["thumbnail", "sha256", "width", "height", "format", "status", "error", "uploaded_by", "created"]
     inlines = [CaptionInline]
+    editable_fields = ["collection"]
     actions = ["reembed"]
     change_list_template = "admin/search/imageasset/change_list.html"
 
@@ -119,7 +120,11 @@ class ImageAssetAdmin(admin.ModelAdmin):
             # deleted meanwhile would insert it again, without its file.
             if not lock_assets([obj.pk]):
                 raise ImageAsset.DoesNotExist(f"{obj} was deleted while it was being edited; nothing was saved.")
-            return super().save_model(request, obj, form, change)
+            # Only what the form edits: the rest of the row (status, error) was read before the
+            # lock and may have changed since (the worker marks it embedded, say).
+            if form.changed_data:
+                obj.save(update_fields=[f for f in form.changed_data if f in self.editable_fields])
+            return None
         result = ingest.ingest_image(form.image_bytes, [], original_name=form.image_name,
                                      user=request.user, collection=form.cleaned_data.get("collection", ""),
                                      queue_embedding=False)

@@ -99,6 +99,15 @@ def in_background(call):
     return Pending()
 
 
+def lock_waiters(query_prefix: str = "") -> int:
+    """Backends waiting for a lock, whose query starts with ``query_prefix``."""
+    with psycopg.connect(_test_database_url(), autocommit=True) as probe:
+        (count,), = probe.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+            [query_prefix + "%"]).fetchall()
+    return count
+
+
 class HeldTable:
     """``LOCK TABLE … IN SHARE MODE`` from a connection of the test's own: inserts into
     the table wait until ``release()``."""
@@ -108,12 +117,7 @@ class HeldTable:
         self.conn.execute(f'LOCK TABLE "{table}" IN SHARE MODE')
 
     def waiting(self, query_prefix: str = "") -> int:
-        """Backends waiting for a lock, whose query starts with ``query_prefix``."""
-        with psycopg.connect(_test_database_url(), autocommit=True) as probe:
-            (count,), = probe.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                [query_prefix + "%"]).fetchall()
-        return count
+        return lock_waiters(query_prefix)
 
     def release(self):
         self.conn.commit()
@@ -293,3 +297,34 @@ def test_a_delete_during_an_index_sync_leaves_the_sync_whole_and_the_next_one_wi
     live_captions = set(Caption.objects.values_list("pk", flat=True))
     assert set(served.get(tiny_model, "caption").ids().tolist()) == live_captions
     assert np.isin(assets[0].pk, served.get(tiny_model, "image").ids(), invert=True)
+
+
+def test_an_admin_edit_saves_only_what_it_edits_not_a_status_read_before_the_worker_changed_it(
+    tiny_model, client, django_user_model
+):
+    curator = django_user_model.objects.create_superuser("admin-saver", "s@example.com", "pw-saver")
+    client.force_login(curator)
+    from search import ingest
+
+    asset = ingest.ingest_image(image_bytes((90, 20, 160)), ["a purple square"], queue_embedding=False).asset
+    caption = Caption.objects.get(asset=asset)
+    form = {
+        "collection": "renamed", "captions-TOTAL_FORMS": "1", "captions-INITIAL_FORMS": "1",
+        "captions-MIN_NUM_FORMS": "0", "captions-MAX_NUM_FORMS": "1000",
+        "captions-0-id": str(caption.pk), "captions-0-asset": str(asset.pk),
+        "captions-0-text": "a purple square", "_save": "Save",
+    }
+    holder = psycopg.connect(_test_database_url())
+    holder.execute("SELECT id FROM search_imageasset WHERE id = %s FOR UPDATE", [asset.pk])
+    try:
+        edit = in_background(lambda: client.post(f"/admin/search/imageasset/{asset.pk}/change/", form))
+        # The admin has read the row (status pending) and waits for the row lock; meanwhile the
+        # worker's transaction marks the asset embedded.
+        wait_for(lambda: lock_waiters("SELECT") >= 1, message="the edit to wait for the row", timeout=20)
+        holder.execute("UPDATE search_imageasset SET status = 'embedded' WHERE id = %s", [asset.pk])
+    finally:
+        holder.commit()
+        holder.close()
+    assert status(edit.result()) == 302
+    asset.refresh_from_db()
+    assert asset.collection == "renamed" and asset.status == "embedded"

@@ -364,3 +364,31 @@ def test_an_asset_whose_file_is_lost_leaves_search_and_an_upload_of_the_same_byt
     services.embed_asset(lost.pk, tiny_model)
     lost.refresh_from_db()
     assert lost.status == "embedded" and Embedding.objects.filter(caption__asset=lost).count() == 2
+
+
+def test_crashes_while_the_model_loads_do_not_count_against_an_image(tiny_model, isolated, settings):
+    """A fresh worker spends seconds loading the model; a worker killed then has not died on the
+    image. The delivery is counted once the model is loaded, so an image whose earlier
+    deliveries all began in such workers is still embedded."""
+    from embeddings import siglip
+    from embeddings.tasks import embed_asset
+
+    asset = add((59, 58, 57), embed=False)
+    task_id = f"loading-{asset.pk}"
+    cache.set(f"embed-deliveries:{task_id}", settings.EMBED_MAX_CRASHES - 1, timeout=60)
+    real_load = siglip.SiglipEncoder.load
+    counted_before_load = []
+
+    def load(encoder):  # the moment a worker could die loading the model
+        counted_before_load.append(cache.get(f"embed-deliveries:{task_id}"))
+        return real_load(encoder)
+
+    siglip.clear_encoder_cache()
+    siglip.SiglipEncoder.load = load
+    try:
+        assert embed_asset.apply(args=[asset.pk], task_id=task_id).get() == 2
+    finally:
+        siglip.SiglipEncoder.load = real_load
+    assert counted_before_load and counted_before_load[0] == settings.EMBED_MAX_CRASHES - 1
+    asset.refresh_from_db()
+    assert asset.status == "embedded"

@@ -205,15 +205,15 @@ class Soak:
         asset_id = self._upload("upload fresh", self.pictures.fresh(), [caption(rng) for _ in range(rng.randint(1, 3))])
         if asset_id is not None and rng.random() < 0.3:
             self._delete(asset_id, rng)  # at once: while the worker embeds it, most often
-        time.sleep(rng.uniform(0.0, 0.2))
+        time.sleep(rng.uniform(0.1, 0.5))
 
     def repeated_uploads(self, rng):
         self._upload("upload repeated", rng.choice(self.shared), [caption(rng)])
-        time.sleep(rng.uniform(0.0, 0.3))
+        time.sleep(rng.uniform(0.2, 0.8))
 
     def _delete(self, asset_id, rng):
         result = self.ledger.answer("delete", self.stack.request(
-            "DELETE", f"/api/assets/{asset_id}/", headers={"Authorization": f"Token {self.stack.token}"}))
+            "DELETE", f"/api/assets/{asset_id}/", headers={"Authorization": f"Token {self.stack.token}"}, timeout=30))
         if result.status in (204, 404):
             with self.ledger.lock:
                 self.ledger.deleted.add(asset_id)  # 404: another request deleted it first
@@ -251,13 +251,14 @@ class Soak:
 
     def searches(self, rng):
         if rng.random() < 0.6:
-            self.ledger.answer("search text", self.stack.search_text(f"{rng.choice(WORDS)} {rng.choice(WORDS)}"))
+            self.ledger.answer("search text", self.stack.search_text(f"{rng.choice(WORDS)} {rng.choice(WORDS)}",
+                                                                     timeout=30))
         else:
             ids = self.ledger.known_ids()
             if ids:
                 body = json.dumps({"asset_id": rng.choice(ids), "k": 5}).encode()
                 self.ledger.answer("search similar", self.stack.request(
-                    "POST", "/api/search/image/", body, {"Content-Type": "application/json"}))
+                    "POST", "/api/search/image/", body, {"Content-Type": "application/json"}, timeout=30))
         time.sleep(rng.uniform(0.05, 0.2))
 
     # --- faults ---------------------------------------------------------------------
@@ -280,7 +281,7 @@ class Soak:
         self.worker = self.stack.start_worker(embed_delay=0.05)
 
     def reconcile_now_and_then(self, rng):
-        if self.stop.wait(rng.uniform(8.0, 15.0)):
+        if self.stop.wait(rng.uniform(15.0, 30.0)):  # each run is a process of its own: CPU the portal needs
             return
         out = self.stack.manage("reconcile", "--no-files", "--json", check=False)
         self.faults["reconciler runs"] += 1
@@ -318,7 +319,7 @@ class Soak:
             self.worker = self.stack.start_worker()
         quiet = time.monotonic()
         try:
-            wait_until(lambda: self.stack.pending("soak") == 0, 240, "the worker to embed what is pending", 0.5)
+            self.wait_for_backlog()
             wait_until(lambda: not any(self.stack.index_drift().values()), 120, "the indices to catch up", 1.0)
         except TimeoutError as exc:
             self.errors.append(str(exc))
@@ -331,7 +332,7 @@ class Soak:
         for query in ("red square", "blue circle", "striped", "a picture"):
             result = self.ledger.answer("search text", self.stack.request(
                 "POST", "/api/search/text/", json.dumps({"query": query, "k": 100}).encode(),
-                {"Content-Type": "application/json"}))
+                {"Content-Type": "application/json"}, timeout=30))
             if result.status == 200:
                 found = {hit["asset"]["id"] for hit in result.json()["results"]}
                 check["deleted_in_search"] += len(found & deleted)
@@ -340,6 +341,25 @@ class Soak:
                 "requests": {f"{kind} {status}": n for (kind, status), n in sorted(self.ledger.statuses.items())},
                 "faults": dict(self.faults), "server_errors": len(self.ledger.bad),
                 "server_error_examples": self.ledger.bad[:5], "driver_errors": self.errors[:5], **check}
+
+
+    def wait_for_backlog(self, stall_seconds: float = 90.0) -> None:
+        """Until nothing is pending, however long the queue is, as long as the worker gets
+        through it: a count that stops going down for ``stall_seconds`` is a failure."""
+        best, last_progress = None, time.monotonic()
+        while True:
+            try:
+                left = self.stack.pending("soak")
+            except Exception:
+                left = best
+            if left == 0:
+                return
+            if best is None or (left is not None and left < best):
+                best, last_progress = left, time.monotonic()
+                self.log(f"  settling: {left} assets still pending")
+            elif time.monotonic() - last_progress > stall_seconds:
+                raise TimeoutError(f"{left} assets stayed pending for {stall_seconds:.0f}s with the worker running")
+            time.sleep(5.0)
 
 
 VIOLATIONS = ("server_errors", "lost", "duplicates", "stale_caption_vectors", "deleted_present", "deleted_in_search",
@@ -391,7 +411,7 @@ def print_report(report: dict) -> None:
     print("\nmust be 0")
     for name in VIOLATIONS:
         print(f"  {name:<30} {report.get(name, 0):>6}")
-    for example in report["server_error_examples"] + report["driver_errors"]:
+    for example in report["server_error_examples"] + report["driver_errors"] + report.get("problems", []):
         print(f"  ! {example}")
 
 
