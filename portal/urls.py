@@ -2,6 +2,7 @@ from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.templatetags.static import static
+from django.views.decorators.http import require_safe
 from django.views.generic.base import RedirectView
 from django.urls import include, path, re_path
 from django.views.static import serve
@@ -22,7 +23,7 @@ urlpatterns = [
     path("api/", include("search.api.urls")),
     path("health/", middleware.health, name="health"),
     # Browsers ask for /favicon.ico on every page, the admin's included.
-    path("favicon.ico", RedirectView.as_view(url=static("favicon.ico"), permanent=True)),
+    path("favicon.ico", require_safe(RedirectView.as_view(url=static("favicon.ico"), permanent=True))),
     # For SEARCH_REQUIRES_LOGIN: any active user may log in here; the admin stays staff-only.
     path("accounts/login/", auth_views.LoginView.as_view(
         template_name="admin/login.html", extra_context={"site_header": "Visual search", "title": "Log in"},
