@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 
 from search.tasks import rebuild_indices
 
-from .models import EmbeddingModel
+from embeddings.models import EmbeddingModel
 
 
 @admin.register(EmbeddingModel)

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .siglip import ImagePreprocessor, load_image
+from embeddings.siglip import ImagePreprocessor, load_image
 
 log = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def insert_vectors(model, target: str, rows: list[tuple[int, bytes]]) -> None:
     from django.db import connection
     from django.utils import timezone
 
-    from .models import Embedding
+    from embeddings.models import Embedding
 
     if target not in ("asset", "caption"):
         raise ValueError(f"target must be 'asset' or 'caption', got {target!r}")
@@ -311,8 +311,8 @@ def embed_assets_bulk(
 
     from search.locking import lock_assets
 
-    from .models import Embedding
-    from .services import active_model, encoder_for, mark_complete
+    from embeddings.models import Embedding
+    from embeddings.services import active_model, encoder_for, mark_complete
 
     if index not in ("sync", "schedule", "none"):
         raise ValueError(f"index must be 'sync', 'schedule' or 'none', got {index!r}")

@@ -8,8 +8,8 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
-from .models import Embedding, EmbeddingModel
-from .siglip import ModelNotAvailable, SiglipEncoder, get_encoder
+from embeddings.models import Embedding, EmbeddingModel
+from embeddings.siglip import ModelNotAvailable, SiglipEncoder, get_encoder
 
 log = logging.getLogger(__name__)
 

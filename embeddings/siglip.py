@@ -381,7 +381,7 @@ class SiglipEncoder:
 
     def __init__(self, source: str, device: str | None = None, backend: str | None = "torch",
                  onnx_cache_dir=None, threads: int | None = None):
-        from . import inference
+        from embeddings import inference
 
         self.source = str(source)
         self.device = str(device) if device else _default_device()
@@ -451,7 +451,7 @@ class SiglipEncoder:
         import torch
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from . import inference
+        from embeddings import inference
 
         source = self._resolve_source()
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
@@ -643,7 +643,7 @@ def get_encoder(source: str, device: str | None = None, backend: str | None = "t
     first use and loaded lazily, so each process loads a given model at most
     once per backend.  ``backend`` ``"auto"`` resolves per device (see
     :func:`embeddings.inference.default_backend`)."""
-    from . import inference
+    from embeddings import inference
 
     device = str(device) if device else _default_device()
     resolved = inference.resolve_backend(backend, device)

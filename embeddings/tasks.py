@@ -20,7 +20,7 @@ from django.conf import settings
 from django.core.cache import cache
 from django.db import InterfaceError, OperationalError
 
-from . import services
+from embeddings import services
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def embed_asset(self, asset_id: int) -> int:
 @shared_task(bind=True, acks_late=False, time_limit=24 * 3600, soft_time_limit=24 * 3600 - 60)
 def train_model(self, options: dict, name: str | None = None, activate: bool = False) -> dict:
     """Fine-tune (or train from scratch) and register the checkpoint; progress in the task state."""
-    from . import training_service
+    from embeddings import training_service
 
     def report(fraction, info):
         self.update_state(state="PROGRESS", meta={"percent": round(100 * fraction, 1),

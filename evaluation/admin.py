@@ -4,9 +4,9 @@ from django.utils.html import format_html
 
 from embeddings.services import NoActiveModel
 
-from . import datasets, services
-from .forms import BenchmarkRunAdminForm
-from .models import BenchmarkRun
+from evaluation import datasets, services
+from evaluation.forms import BenchmarkRunAdminForm
+from evaluation.models import BenchmarkRun
 
 
 @admin.register(BenchmarkRun)

@@ -8,8 +8,8 @@ from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
 from search.api.views import IsStaffOrReadOnly
 
-from . import datasets, services
-from .models import BenchmarkRun
+from evaluation import datasets, services
+from evaluation.models import BenchmarkRun
 
 
 class BenchmarkRunSerializer(serializers.ModelSerializer):

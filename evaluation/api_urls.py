@@ -1,6 +1,6 @@
 from django.urls import path
 
-from .api import BenchmarkRunViewSet
+from evaluation.api import BenchmarkRunViewSet
 
 urlpatterns = [
     path("", BenchmarkRunViewSet.as_view({"get": "list", "post": "create"}), name="api-benchmark-list"),

@@ -4,8 +4,8 @@ from django.core.exceptions import ValidationError
 from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
 
-from . import datasets, services
-from .models import BenchmarkRun
+from evaluation import datasets, services
+from evaluation.models import BenchmarkRun
 
 DATASET_CHOICES = [("auto", "detect from the file")] + [(k, datasets.KIND_LABELS[k]) for k in datasets.KINDS]
 

@@ -13,7 +13,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from .models import BenchmarkRun
+from evaluation.models import BenchmarkRun
 
 QUERY_COLLECTION = "bench-synthetic"
 INGEST_COLLECTION = "bench-ingest"

@@ -54,8 +54,8 @@ from search.indexing import loaded_indices, stored_vectors, sync_indices
 from search.models import Caption, ImageAsset, IndexBuild, normalise_text
 from search.queries import clean_text_query
 
-from . import datasets, metrics
-from .models import BenchmarkRun
+from evaluation import datasets, metrics
+from evaluation.models import BenchmarkRun
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def prepare_run(
 
 def queue_run(run: BenchmarkRun) -> BenchmarkRun:
     """Save the run and hand it to a worker once the transaction commits."""
-    from .tasks import run_benchmark as task
+    from evaluation.tasks import run_benchmark as task
 
     run.status = BenchmarkRun.Status.QUEUED
     run.save()
@@ -511,7 +511,7 @@ def measure_text_throughput(encoder, texts) -> tuple[float | None, dict]:
 
 def save_sample_grid(run: BenchmarkRun, gallery: Gallery, text_tops: dict, image_tops: dict) -> str:
     """Draw the sampled queries with their top results; returns the media path of the PNG."""
-    from . import plots
+    from evaluation import plots
 
     assets = ImageAsset.objects.in_bulk(
         {int(i) for ids, _ in text_tops.values() for i in ids if i >= 0}

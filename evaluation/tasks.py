@@ -1,7 +1,7 @@
 from celery import shared_task
 
-from . import services
-from .models import MAX_RUN_SECONDS
+from evaluation import services
+from evaluation.models import MAX_RUN_SECONDS
 
 
 # Acknowledged on receipt, not after: a run can outlast the broker's visibility

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from evaluation import views
 
 urlpatterns = [
     path("<int:pk>/", views.detail, name="benchmark-detail"),

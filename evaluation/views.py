@@ -4,10 +4,10 @@ from django.http import Http404, HttpResponse, HttpResponseForbidden
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
-from . import datasets, plots
-from .forms import BenchmarkForm
-from .models import BenchmarkRun
-from .services import queue_run
+from evaluation import datasets, plots
+from evaluation.forms import BenchmarkForm
+from evaluation.models import BenchmarkRun
+from evaluation.services import queue_run
 
 HISTORY_ROWS = 200
 REFRESH_SECONDS = 5

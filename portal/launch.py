@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from .localservices import LocalServices, needs_local_services, state_dir
+from portal.localservices import LocalServices, needs_local_services, state_dir
 
 PYTHON = sys.executable
 

@@ -6,10 +6,10 @@ from django.shortcuts import redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from . import ingest
-from .api.access import UploadThrottle, check_throttles
-from .locking import lock_assets
-from .models import Caption, ImageAsset, IndexBuild, normalise_text
+from search import ingest
+from search.api.access import UploadThrottle, check_throttles
+from search.locking import lock_assets
+from search.models import Caption, ImageAsset, IndexBuild, normalise_text
 
 
 class CaptionFormSet(forms.BaseInlineFormSet):

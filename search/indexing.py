@@ -23,10 +23,10 @@ from django.db.models import OuterRef, Subquery
 
 from embeddings.models import Embedding, EmbeddingModel
 
-from . import querycache
-from .models import IndexBuild
-from .querycache import LRU
-from .vector_index import VectorIndex, create_index, get_backend, load_index
+from search import querycache
+from search.models import IndexBuild
+from search.querycache import LRU
+from search.vector_index import VectorIndex, create_index, get_backend, load_index
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def _pending_key(model_id: int) -> str:
 
 def schedule_index_sync(model_id: int) -> None:
     """Queue one index sync after commit; a burst of uploads shares a single sync."""
-    from .tasks import sync_indices as sync_task
+    from search.tasks import sync_indices as sync_task
 
     def enqueue():
         if cache.add(_pending_key(model_id), 1, timeout=600):

@@ -30,8 +30,8 @@ from PIL import Image, UnidentifiedImageError
 
 from embeddings.models import Embedding
 
-from .locking import lock_assets, lock_content, retry_on_conflict
-from .models import Caption, ImageAsset, image_upload_path, normalise_text
+from search.locking import lock_assets, lock_content, retry_on_conflict
+from search.models import Caption, ImageAsset, image_upload_path, normalise_text
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +387,7 @@ def queue_embed(asset_id: int) -> None:
 def _schedule_syncs() -> None:
     from embeddings.models import EmbeddingModel
 
-    from .indexing import schedule_index_sync
+    from search.indexing import schedule_index_sync
 
     for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
         schedule_index_sync(model_id)

@@ -62,7 +62,7 @@ def lock_content(digest: str) -> None:
 
 def lock_assets(ids) -> list[int]:
     """Lock these asset rows (ascending id) until the transaction ends; the ids still there."""
-    from .models import ImageAsset
+    from search.models import ImageAsset
 
     if not connection.in_atomic_block:
         raise RuntimeError("lock_assets needs a transaction")

@@ -13,9 +13,9 @@ from django.conf import settings
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import NoActiveModel, encoder_for
 
-from . import querycache
-from .indexing import loaded_indices, with_latest_versions
-from .models import Caption, ImageAsset, IndexBuild
+from search import querycache
+from search.indexing import loaded_indices, with_latest_versions
+from search.models import Caption, ImageAsset, IndexBuild
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ def _image_results(model, check, vector, k, started, encoded) -> SearchResult:
 
 def search_image(data: bytes, k=10) -> SearchResult:
     """Captions (image→text) and similar images (image→image) for uploaded image bytes."""
-    from .ingest import inspect_image
+    from search.ingest import inspect_image
 
     k = validate_k(k)
     decoded = inspect_image(data, keep_decoded=True).image

@@ -34,9 +34,9 @@ from django.db.models import Q
 
 from embeddings.models import Embedding, EmbeddingModel
 
-from . import indexing, ingest
-from .locking import lock_assets, lock_content
-from .models import ImageAsset, IndexBuild
+from search import indexing, ingest
+from search.locking import lock_assets, lock_content
+from search.models import ImageAsset, IndexBuild
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from django.db import InterfaceError, OperationalError
 
 from embeddings.models import EmbeddingModel
 
-from . import indexing
+from search import indexing
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def rebuild_indices(self, model_id: int) -> dict:
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=3)
 def reconcile(files: bool = False) -> dict:
     """Periodic (Celery beat): re-queue stuck assets, check every index against Postgres."""
-    from . import reconcile as reconciler
+    from search import reconcile as reconciler
 
     try:
         if not cache.add("reconcile-running", 1, timeout=15 * 60):

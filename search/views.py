@@ -5,10 +5,10 @@ from django.views.decorators.http import require_http_methods
 
 from embeddings.services import ModelNotAvailable, NoActiveModel
 
-from . import queries
-from .api.access import SEARCH_THROTTLES, check_throttles, search_allowed
-from .forms import ImageSearchForm, TextSearchForm
-from .ingest import InvalidUpload, read_upload
+from search import queries
+from search.api.access import SEARCH_THROTTLES, check_throttles, search_allowed
+from search.forms import ImageSearchForm, TextSearchForm
+from search.ingest import InvalidUpload, read_upload
 
 DEFAULT_K = 12
 

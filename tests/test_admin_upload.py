@@ -9,7 +9,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from search.models import Caption, ImageAsset
 
-from .conftest import image_bytes
+from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from evaluation.models import BenchmarkRun
 
-from .test_datasets import write_karpathy
+from tests.test_datasets import write_karpathy
 
 pytestmark = pytest.mark.django_db
 

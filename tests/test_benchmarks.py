@@ -16,8 +16,8 @@ from evaluation.models import BenchmarkRun
 from search.models import Caption, ImageAsset
 from search.vector_index import create_index
 
-from .conftest import TEST_CAPTIONS, unit, wait_for
-from .test_datasets import write_karpathy
+from tests.conftest import TEST_CAPTIONS, unit, wait_for
+from tests.test_datasets import write_karpathy
 
 CAPTIONS_PER_IMAGE = [2, 3, 5, 4, 2, 5, 3, 4]  # eight test images
 WORDS = sorted(set(" ".join(TEST_CAPTIONS).lower().split()))

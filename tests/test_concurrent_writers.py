@@ -24,7 +24,7 @@ from embeddings.services import encoder_for
 from search import indexing
 from search.models import Caption, ImageAsset
 
-from .conftest import _test_database_url, image_bytes, wait_for
+from tests.conftest import _test_database_url, image_bytes, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

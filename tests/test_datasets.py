@@ -12,7 +12,7 @@ from evaluation import datasets
 from evaluation.datasets import DatasetError
 from search.models import Caption, ImageAsset
 
-from .conftest import image_bytes
+from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -14,7 +14,7 @@ from embeddings.pipeline import embed_assets_bulk
 from embeddings.services import embed_asset
 from search.models import Caption, ImageAsset, IndexBuild
 
-from .conftest import image_bytes
+from tests.conftest import image_bytes
 
 COLOURS = [(220, 20, 20), (20, 20, 220), (20, 180, 20), (200, 200, 20), (120, 40, 160), (10, 10, 10)]
 
@@ -172,7 +172,7 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():
     from embeddings.pipeline import _resized_uint8
     from embeddings.siglip import ImagePreprocessor
 
-    from .conftest import image_bytes as png_bytes
+    from tests.conftest import image_bytes as png_bytes
 
     preprocessor = ImagePreprocessor()  # 224 x 224: a 640 x 480 JPEG is decoded at 320 x 240
     rng = np.random.default_rng(0)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from .faults import run_faults
-from .faults.stack import FaultStack
+from tests.faults import run_faults
+from tests.faults.stack import FaultStack
 
 
 @pytest.fixture(scope="module")

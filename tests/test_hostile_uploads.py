@@ -20,8 +20,8 @@ from embeddings.models import Embedding
 from search import ingest
 from search.models import Caption, ImageAsset
 
-from .conftest import ROOT, image_bytes, wait_for
-from .faults import images
+from tests.conftest import ROOT, image_bytes, wait_for
+from tests.faults import images
 
 pytestmark = pytest.mark.django_db
 

@@ -11,7 +11,7 @@ from search.indexing import LoadedIndices
 from search.ingest import ingest_image
 from search.models import IndexBuild
 
-from .conftest import image_bytes
+from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -22,7 +22,7 @@ from rest_framework.test import APIClient
 from search.ingest import ingest_image
 from search.models import ImageAsset
 
-from .conftest import ROOT, image_bytes
+from tests.conftest import ROOT, image_bytes
 
 pytestmark = pytest.mark.django_db
 

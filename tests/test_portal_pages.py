@@ -7,7 +7,7 @@ from embeddings import services
 from search import indexing
 from search.ingest import ingest_image
 
-from .conftest import image_bytes
+from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 

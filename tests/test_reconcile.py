@@ -23,7 +23,7 @@ from search import indexing, reconcile
 from search.ingest import ingest_image
 from search.models import Caption, ImageAsset, IndexBuild
 
-from .conftest import image_bytes
+from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
 

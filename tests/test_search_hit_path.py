@@ -12,8 +12,8 @@ from search.api import serializers as s
 from search.ingest import ingest_image
 from search.models import ImageAsset
 
-from .conftest import image_bytes
-from .test_encoder import jpeg_bytes, two_colour_image
+from tests.conftest import image_bytes
+from tests.test_encoder import jpeg_bytes, two_colour_image
 
 pytestmark = pytest.mark.django_db
 

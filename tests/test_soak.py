@@ -12,8 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .faults import soak
-from .faults.stack import FaultStack
+from tests.faults import soak
+from tests.faults.stack import FaultStack
 
 LOAD_SECONDS = 40
 

@@ -7,7 +7,7 @@ from embeddings.models import Embedding
 from embeddings.services import encoder_for
 from search.models import ImageAsset, IndexBuild
 
-from .conftest import image_bytes, wait_for
+from tests.conftest import image_bytes, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

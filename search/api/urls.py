@@ -2,7 +2,7 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from . import views
+from search.api import views
 
 router = DefaultRouter()
 router.register("assets", views.AssetViewSet, basename="asset")

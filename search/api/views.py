@@ -12,8 +12,8 @@ from search import ingest, queries
 from search.models import ImageAsset
 from embeddings.services import active_model
 
-from . import serializers as s
-from .access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
+from search.api import serializers as s
+from search.api.access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
 
 __all__ = ["AssetViewSet", "ImageSearchView", "IsStaffOrReadOnly", "TextSearchView"]
 

@@ -11,14 +11,14 @@
 Backends are registered by name in ``registry.BACKENDS`` and imported lazily.
 """
 
-from .base import (
+from search.vector_index.base import (
     ChecksumMismatch,
     VectorIndex,
     VectorIndexError,
     atomic_write,
     sha256_file,
 )
-from .registry import (
+from search.vector_index.registry import (
     BACKENDS,
     create_index,
     get_backend,

@@ -34,7 +34,7 @@ import threading
 import faiss
 import numpy as np
 
-from .base import (
+from search.vector_index.base import (
     VectorIndex,
     VectorIndexError,
     as_ids,

@@ -67,7 +67,7 @@ import struct
 import faiss
 import numpy as np
 
-from .base import (
+from search.vector_index.base import (
     VectorIndex,
     VectorIndexError,
     _is_int,
@@ -77,7 +77,7 @@ from .base import (
     empty_results,
     upsert_batch,
 )
-from .faiss_hnsw import faiss_part
+from search.vector_index.faiss_hnsw import faiss_part
 
 __all__ = ["FaissIVFPQIndex"]
 

@@ -10,7 +10,7 @@ import importlib
 import os
 import threading
 
-from .base import VectorIndex, VectorIndexError, read_index_file
+from search.vector_index.base import VectorIndex, VectorIndexError, read_index_file
 
 __all__ = ["BACKENDS", "create_index", "get_backend", "load_index", "register_backend"]
 

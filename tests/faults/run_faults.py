@@ -41,8 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .images import base_picture, save
-from .stack import FaultStack, wait_until
+from tests.faults.images import base_picture, save
+from tests.faults.stack import FaultStack, wait_until
 
 EMBED_DELAY = 0.35  # seconds a worker spends on each image, so kills land inside tasks
 POSTRUN_DELAY = 0.15  # after the vectors are stored, before the task is acknowledged

@@ -56,8 +56,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .images import base_picture, save
-from .stack import FaultStack, HttpResult, wait_until
+from tests.faults.images import base_picture, save
+from tests.faults.stack import FaultStack, HttpResult, wait_until
 
 WORDS = ["red", "blue", "green", "square", "circle", "striped", "small", "large", "bright", "dark", "left",
          "right", "pale", "round", "tall", "wide"]

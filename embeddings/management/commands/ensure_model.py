@@ -18,7 +18,7 @@ from embeddings import services
 from embeddings.models import EmbeddingModel
 from embeddings.siglip import ModelNotAvailable
 
-from .demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+from embeddings.management.commands.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
