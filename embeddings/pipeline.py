@@ -5,7 +5,7 @@ dataset import or ``embed_missing`` wants it, instead of one task per image:
 
 * **read + decode** in worker processes (a torch ``DataLoader``): each worker
   reads the file, decodes it and resizes it with the checkpoint's own
-  preprocessing (:class:`embeddings.siglip.ImagePreprocessor`, picklable), so
+  preprocessing (:class:`embeddings.core.siglip.ImagePreprocessor`, picklable), so
   the main process only batches ready pixels;
 * **model** in large batches; on CUDA (torch backend) the workers hand over
   ``uint8`` pixels (a quarter of the bytes) in pinned memory, copied to the
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from embeddings.siglip import ImagePreprocessor, load_image
+from embeddings.core.siglip import ImagePreprocessor, load_image
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.db import transaction
 
 from embeddings.models import Embedding, EmbeddingModel
-from embeddings.siglip import ModelNotAvailable, SiglipEncoder, get_encoder
+from embeddings.core.siglip import ModelNotAvailable, SiglipEncoder, get_encoder
 
 log = logging.getLogger(__name__)
 

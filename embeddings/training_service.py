@@ -7,8 +7,8 @@ from embeddings.services import register_model
 
 
 def train_and_register(options: dict, *, name: str | None = None, activate: bool = False, on_progress=None):
-    """Train with ``embeddings.training`` and record the checkpoint as an embedding model."""
-    from embeddings import training
+    """Train with ``embeddings.core.training`` and record the checkpoint as an embedding model."""
+    from embeddings.core import training
 
     config = training.TrainConfig.from_dict(options)
     result = training.train(config, on_progress=on_progress)

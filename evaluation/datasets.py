@@ -17,7 +17,7 @@ Supported layouts (``kind``):
     with the images in the folder named after the split (``val2017/``) next to
     the file or next to its ``annotations/`` folder. The split is the file's.
 ``synthetic``
-    The generated shapes set (``embeddings.synthetic``): Karpathy format,
+    The generated shapes set (``embeddings.core.synthetic``): Karpathy format,
     ``dataset_synthetic.json`` with the images in ``images/`` next to it.
 
 Every image becomes an ordinary asset through ``search.ingest.ingest_image``,

@@ -15,7 +15,7 @@ A retrieval run
    quantises activations per call, so batching would change the vectors);
    image queries use each image's stored vector, like a search for an asset
    already in the collection;
-5. computes the metrics of ``evaluation.metrics`` over the gallery only.
+5. computes the metrics of ``evaluation.core.metrics`` over the gallery only.
 
 Restricting to the gallery: the indices hold every asset of the model, not just
 the dataset's. Each query searches its index with ``k`` equal to the number of
@@ -49,12 +49,14 @@ from django.utils import timezone
 
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import active_model, assets_missing_vectors as missing_vectors_query, embed_asset, encoder_for
-from embeddings.siglip import TEXT_MAX_LENGTH
+from embeddings.core.siglip import TEXT_MAX_LENGTH
 from search.indexing import loaded_indices, stored_vectors, sync_indices
 from search.models import Caption, ImageAsset, IndexBuild, normalise_text
 from search.queries import clean_text_query
 
-from evaluation import datasets, metrics
+from evaluation import datasets
+
+from evaluation.core import metrics
 from evaluation.models import BenchmarkRun
 
 log = logging.getLogger(__name__)
@@ -511,7 +513,7 @@ def measure_text_throughput(encoder, texts) -> tuple[float | None, dict]:
 
 def save_sample_grid(run: BenchmarkRun, gallery: Gallery, text_tops: dict, image_tops: dict) -> str:
     """Draw the sampled queries with their top results; returns the media path of the PNG."""
-    from evaluation import plots
+    from evaluation.core import plots
 
     assets = ImageAsset.objects.in_bulk(
         {int(i) for ids, _ in text_tops.values() for i in ids if i >= 0}

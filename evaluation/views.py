@@ -4,7 +4,9 @@ from django.http import Http404, HttpResponse, HttpResponseForbidden
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
-from evaluation import datasets, plots
+from evaluation import datasets
+
+from evaluation.core import plots
 from evaluation.forms import BenchmarkForm
 from evaluation.models import BenchmarkRun
 from evaluation.services import queue_run

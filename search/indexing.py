@@ -26,7 +26,7 @@ from embeddings.models import Embedding, EmbeddingModel
 from search import querycache
 from search.models import IndexBuild
 from search.querycache import LRU
-from search.vector_index import VectorIndex, create_index, get_backend, load_index
+from search.core.vector_index import VectorIndex, create_index, get_backend, load_index
 
 log = logging.getLogger(__name__)
 

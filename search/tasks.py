@@ -61,7 +61,7 @@ def rebuild_indices(self, model_id: int) -> dict:
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=3)
 def reconcile(files: bool = False) -> dict:
     """Periodic (Celery beat): re-queue stuck assets, check every index against Postgres."""
-    from search import reconcile as reconciler
+    from search import reconciler
 
     try:
         if not cache.add("reconcile-running", 1, timeout=15 * 60):

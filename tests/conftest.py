@@ -31,7 +31,7 @@ TEST_CAPTIONS = [
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from embeddings.checkpoints import build_random_checkpoint
+    from embeddings.core.checkpoints import build_random_checkpoint
 
     return build_random_checkpoint(tmp_path_factory.mktemp("tiny-siglip"), TEST_CAPTIONS, seed=0)
 

@@ -10,11 +10,12 @@ from django.core.management import CommandError, call_command
 
 from embeddings.models import Embedding
 from embeddings.services import encoder_for
-from evaluation import metrics, services
+from evaluation.core import metrics
+from evaluation import services
 from evaluation.datasets import DatasetError
 from evaluation.models import BenchmarkRun
 from search.models import Caption, ImageAsset
-from search.vector_index import create_index
+from search.core.vector_index import create_index
 
 from tests.conftest import TEST_CAPTIONS, unit, wait_for
 from tests.test_datasets import write_karpathy

@@ -1,4 +1,4 @@
-"""Tests for building small SigLIP checkpoints (embeddings.checkpoints)."""
+"""Tests for building small SigLIP checkpoints (embeddings.core.checkpoints)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from transformers import (
     SiglipTokenizer,
 )
 
-from embeddings.checkpoints import (
+from embeddings.core.checkpoints import (
     build_random_checkpoint,
     canonicalize_text,
     save_checkpoint,

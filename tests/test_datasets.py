@@ -154,7 +154,7 @@ def test_coco_2017_caption_annotations_are_imported(tmp_path):
 
 
 def test_the_generated_shapes_set_is_imported(tmp_path):
-    from embeddings.synthetic import generate
+    from embeddings.core.synthetic import generate
 
     generate(tmp_path / "shapes", n_train=0, n_val=1, n_test=3, image_size=32)
     dataset = datasets.load("auto", tmp_path / "shapes")

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def small_demo(monkeypatch, tiny_checkpoint, settings, tmp_path, clean_state):
-    from embeddings import training
-    from embeddings.management.commands import demo
+    from embeddings.core import training
+    from evaluation.management.commands import demo
 
     settings.MEDIA_ROOT, settings.INDEX_DIR = tmp_path / "media", tmp_path / "indices"
     settings.STATE_DIR = tmp_path

@@ -170,7 +170,7 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():
     from PIL import Image
 
     from embeddings.pipeline import _resized_uint8
-    from embeddings.siglip import ImagePreprocessor
+    from embeddings.core.siglip import ImagePreprocessor
 
     from tests.conftest import image_bytes as png_bytes
 

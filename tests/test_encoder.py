@@ -1,7 +1,7 @@
-"""Tests for the SigLIP encoder (embeddings.siglip).
+"""Tests for the SigLIP encoder (embeddings.core.siglip).
 
 Everything runs offline against a tiny random SigLIP checkpoint written by
-``embeddings.checkpoints.build_random_checkpoint`` into a temporary directory;
+``embeddings.core.checkpoints.build_random_checkpoint`` into a temporary directory;
 it is loaded through the same ``from_pretrained`` path a hub id takes.
 """
 
@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 from transformers import CLIPConfig, SiglipImageProcessorPil, SiglipModel
 
-from embeddings import siglip
-from embeddings.checkpoints import build_random_checkpoint, tiny_siglip_config
-from embeddings.siglip import (
+from embeddings.core import siglip
+from embeddings.core.checkpoints import build_random_checkpoint, tiny_siglip_config
+from embeddings.core.siglip import (
     DEFAULT_MODEL,
     TEXT_MAX_LENGTH,
     ImagePreprocessor,

@@ -1,4 +1,4 @@
-"""Inference backends (embeddings.inference) on a small random SigLIP checkpoint.
+"""Inference backends (embeddings.core.inference) on a small random SigLIP checkpoint.
 
 Every faster path must keep fp32 quality: cosine >= 0.99 between its
 embeddings and torch float32 on the same texts and images. The ONNX exports
@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from embeddings import inference, siglip
-from embeddings.checkpoints import build_random_checkpoint, tiny_siglip_config
-from embeddings.siglip import SiglipEncoder, get_encoder
+from embeddings.core import inference, siglip
+from embeddings.core.checkpoints import build_random_checkpoint, tiny_siglip_config
+from embeddings.core.siglip import SiglipEncoder, get_encoder
 
 CAPTIONS = [
     "a photo of a red car parked on the street",

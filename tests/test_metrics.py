@@ -1,4 +1,4 @@
-"""Tests for evaluation.metrics (plain numpy; no Django needed)."""
+"""Tests for evaluation.core.metrics (plain numpy; no Django needed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import statistics
 import numpy as np
 import pytest
 
-from evaluation import metrics
-from evaluation.metrics import (
+from evaluation.core import metrics
+from evaluation.core.metrics import (
     captions_by_image,
     image_to_text,
     metrics_from_search,

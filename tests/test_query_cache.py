@@ -56,7 +56,7 @@ def test_miss_then_local_hit_then_shared_hit(tiny_model, encoder, monkeypatch):
 
 
 def test_the_shared_level_is_off_for_an_encoder_on_cuda_unless_asked_for(tiny_checkpoint, settings):
-    from embeddings.siglip import SiglipEncoder
+    from embeddings.core.siglip import SiglipEncoder
 
     cpu, cuda = (SiglipEncoder(str(tiny_checkpoint), device=device) for device in ("cpu", "cuda"))
     assert querycache.shared_level(cpu) and not querycache.shared_level(cuda)

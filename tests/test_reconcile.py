@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from embeddings import services
 from embeddings.models import Embedding
-from search import indexing, reconcile
+from search import indexing, reconciler
 from search.ingest import ingest_image
 from search.models import Caption, ImageAsset, IndexBuild
 
@@ -68,14 +68,14 @@ def queued_embeds() -> list[int]:
 
 def test_assets_whose_task_was_lost_are_requeued_then_embedded(tiny_model, isolated):
     lost = [add((i * 60, 9, 9), [f"lost {i}"], embed=False) for i in range(3)]  # no task was ever queued
-    report = reconcile.reconcile(stuck_after=0)
+    report = reconciler.reconcile(stuck_after=0)
     assert sorted(report.requeued) == sorted(a.pk for a in lost)
     assert set(report.requeued) <= set(queued_embeds())  # in the broker, for any worker to take
     for asset in lost:  # what the worker does with them (a real one: tests/test_faults.py)
         services.embed_asset(asset.pk)
     indexing.sync_indices(tiny_model)
     assert not ImageAsset.objects.filter(status="pending").exists()
-    assert reconcile.reconcile(stuck_after=0).clean
+    assert reconciler.reconcile(stuck_after=0).clean
 
 
 def test_a_stuck_asset_is_requeued_once_per_window(tiny_model, isolated):
@@ -83,9 +83,9 @@ def test_a_stuck_asset_is_requeued_once_per_window(tiny_model, isolated):
     young = add((6, 6, 6), embed=False)
     cache.delete(f"reconcile-requeued:{asset.pk}")
     ImageAsset.objects.filter(pk=asset.pk).update(created=timezone.now() - timedelta(hours=1))
-    first = reconcile.reconcile(stuck_after=600)
+    first = reconciler.reconcile(stuck_after=600)
     assert first.requeued == [asset.pk]  # the young one is not stuck yet
-    second = reconcile.reconcile(stuck_after=600)
+    second = reconciler.reconcile(stuck_after=600)
     assert second.stuck == 1 and second.requeued == []
     assert young.pk not in first.requeued + second.requeued
 
@@ -93,19 +93,19 @@ def test_a_stuck_asset_is_requeued_once_per_window(tiny_model, isolated):
 def test_index_drift_is_found_and_repaired(tiny_model, isolated):
     assets = [add((i * 40, 20, 20), [f"drift {i}"]) for i in range(4)]
     indexing.sync_indices(tiny_model)
-    assert reconcile.reconcile(stuck_after=0).clean
+    assert reconciler.reconcile(stuck_after=0).clean
     # Vectors the index never saw, and index rows whose vectors are gone.
     extra = add((250, 250, 1), ["unsynced"])
     Embedding.objects.filter(asset=assets[0]).delete()
-    dry = reconcile.reconcile(dry_run=True)
+    dry = reconciler.reconcile(dry_run=True)
     image = next(c for c in dry.indices if c.modality == "image")
     assert (image.missing, image.extra, image.repaired) == (1, 1, False)
     assert not dry.clean
-    fixed = reconcile.reconcile()
+    fixed = reconciler.reconcile()
     assert all(c.repaired for c in fixed.indices if c.modality == "image")
     assert served_ids(tiny_model, "image") == stored(tiny_model, "image")
     assert extra.pk in served_ids(tiny_model, "image") and assets[0].pk not in served_ids(tiny_model, "image")
-    assert reconcile.reconcile().clean
+    assert reconciler.reconcile().clean
 
 
 def test_a_missing_or_torn_newest_index_file_is_repaired(tiny_model, isolated):
@@ -117,7 +117,7 @@ def test_a_missing_or_torn_newest_index_file_is_repaired(tiny_model, isolated):
     Path(newest.file_path).write_bytes(Path(newest.file_path).read_bytes()[:100])  # torn
     caption = IndexBuild.objects.filter(model=tiny_model, modality="caption", status="ready").latest("version")
     Path(caption.file_path).unlink()  # lost
-    report = reconcile.reconcile()
+    report = reconciler.reconcile()
     assert {c.modality for c in report.indices if c.repaired} == {"image", "caption"}
     assert served_ids(tiny_model, "image") == stored(tiny_model, "image")
     assert served_ids(tiny_model, "caption") == stored(tiny_model, "caption")
@@ -140,9 +140,9 @@ def test_orphan_files_are_removed_after_a_grace_period_and_missing_files_reporte
     os.utime(index_orphan, (an_hour_ago, an_hour_ago))
     missing = add((4, 4, 4))
     Path(missing.file.path).unlink()
-    dry = reconcile.reconcile(files=True, dry_run=True)
+    dry = reconciler.reconcile(files=True, dry_run=True)
     assert old_orphan.exists() and dry.orphan_files == [old_orphan.relative_to(media).as_posix()]
-    report = reconcile.reconcile(files=True)
+    report = reconciler.reconcile(files=True)
     assert not old_orphan.exists() and new_orphan.exists() and not index_orphan.exists()
     assert report.missing_files == [missing.pk]
     assert Path(kept.file.path).exists()
@@ -346,7 +346,7 @@ def test_an_asset_whose_file_is_lost_leaves_search_and_an_upload_of_the_same_byt
     services.embed_asset(lost.pk, tiny_model)
     indexing.sync_indices(tiny_model)
     Path(lost.file.path).unlink()  # storage lost it
-    report = reconcile.reconcile(files=True)
+    report = reconciler.reconcile(files=True)
     assert report.missing_files == [lost.pk]
     lost.refresh_from_db()
     assert lost.status == "failed" and "missing" in lost.error
@@ -354,7 +354,7 @@ def test_an_asset_whose_file_is_lost_leaves_search_and_an_upload_of_the_same_byt
     assert not Embedding.objects.filter(caption__asset=lost).exists()
     indexing.sync_indices(tiny_model)
     assert lost.pk not in served_ids(tiny_model, "image")
-    assert reconcile.reconcile(files=True).missing_files == []  # reported once, not on every run
+    assert reconciler.reconcile(files=True).missing_files == []  # reported once, not on every run
     with django_capture_on_commit_callbacks() as queued:
         again = ingest_image(data, ["a green block"])
     assert again.asset.pk == lost.pk and not again.created and len(queued) == 1
@@ -370,7 +370,7 @@ def test_crashes_while_the_model_loads_do_not_count_against_an_image(tiny_model,
     """A fresh worker spends seconds loading the model; a worker killed then has not died on the
     image. The delivery is counted once the model is loaded, so an image whose earlier
     deliveries all began in such workers is still embedded."""
-    from embeddings import siglip
+    from embeddings.core import siglip
     from embeddings.tasks import embed_asset
 
     asset = add((59, 58, 57), embed=False)

@@ -153,7 +153,7 @@ def _jpeg_turned_by_exif() -> bytes:
 def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
     import numpy as np
 
-    from embeddings.siglip import load_image
+    from embeddings.core.siglip import load_image
     from search.ingest import inspect_image
 
     kept = inspect_image(data, keep_decoded=True).image
@@ -260,7 +260,7 @@ def test_the_api_says_where_the_neighbours_came_from(gallery, api_client):
 
 
 def test_warm_up_loads_the_towers_indices_and_scan_copies_a_first_search_needs(gallery, tiny_model, monkeypatch):
-    from embeddings import siglip
+    from embeddings.core import siglip
 
     siglip.clear_encoder_cache()
     fresh = indexing.LoadedIndices()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from embeddings import synthetic
+from embeddings.core import synthetic
 
 SMALL = {"n_train": 60, "n_val": 12, "n_test": 30, "image_size": 32}
 

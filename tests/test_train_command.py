@@ -8,7 +8,7 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 
 from embeddings.models import EmbeddingModel
-from embeddings.siglip import SiglipEncoder
+from embeddings.core.siglip import SiglipEncoder
 
 pytestmark = pytest.mark.django_db
 
@@ -18,7 +18,7 @@ TINY = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    from embeddings import synthetic
+    from embeddings.core import synthetic
 
     return synthetic.generate(tmp_path_factory.mktemp("shapes"), n_train=64, n_val=8, n_test=8, image_size=32)
 

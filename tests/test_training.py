@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from embeddings import synthetic, training
-from embeddings.siglip import ImagePreprocessor, SiglipEncoder
-from embeddings.training import TrainConfig, sigmoid_loss, train
+from embeddings.core import synthetic, training
+from embeddings.core.siglip import ImagePreprocessor, SiglipEncoder
+from embeddings.core.training import TrainConfig, sigmoid_loss, train
 
 N_TEST = 60
 # A model small enough to train in seconds on a laptop CPU.
@@ -92,7 +92,7 @@ def test_sigmoid_loss_matches_a_direct_double_loop_over_pairs():
 def test_sigmoid_loss_decreases_over_a_few_optimiser_steps_on_a_toy_batch():
     from transformers import SiglipModel
 
-    from embeddings.checkpoints import tiny_siglip_config
+    from embeddings.core.checkpoints import tiny_siglip_config
 
     torch.manual_seed(0)
     model = SiglipModel(tiny_siglip_config(50, image_size=16, patch_size=8))
@@ -128,7 +128,7 @@ def test_model_built_from_scratch_starts_at_log_10_temperature_and_minus_10_bias
 
 
 def test_colour_and_shape_words_are_single_tokens_of_a_vocabulary_learnt_from_scratch(tmp_path):
-    from embeddings.checkpoints import train_sentencepiece_tokenizer
+    from embeddings.core.checkpoints import train_sentencepiece_tokenizer
 
     captions = [c for i in range(300)
                 for c in synthetic.captions_for(synthetic.all_compositions()[i * 7], seed=i, partial=True)]

@@ -38,7 +38,7 @@ def indexed_ids(model, modality):
     build = IndexBuild.objects.filter(model=model, modality=modality, status="ready").order_by("-version").first()
     if build is None:
         return set()
-    from search.vector_index import load_index
+    from search.core.vector_index import load_index
 
     return set(load_index(build.file_path, checksum=build.checksum).ids().tolist())
 

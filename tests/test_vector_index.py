@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from search.vector_index import (
+from search.core.vector_index import (
     ChecksumMismatch,
     VectorIndex,
     VectorIndexError,
@@ -21,7 +21,7 @@ from search.vector_index import (
     register_backend,
     sha256_file,
 )
-from search.vector_index import base, registry
+from search.core.vector_index import base, registry
 
 DIM = 32
 BACKEND = "faiss-flat"
@@ -276,8 +276,8 @@ def test_unknown_backend_raises_naming_the_known_backends():
 
 
 def test_backend_module_is_imported_on_first_use(monkeypatch):
-    module_name = "search.vector_index.faiss_flat"
-    import search.vector_index as package
+    module_name = "search.core.vector_index.faiss_flat"
+    import search.core.vector_index as package
 
     monkeypatch.delitem(sys.modules, module_name, raising=False)
     monkeypatch.delattr(package, "faiss_flat", raising=False)
@@ -310,7 +310,7 @@ def test_registered_backends_plug_in_and_reload_from_files(tmp_path, restore_reg
 def test_register_backend_checks_the_class_and_the_path(restore_registry):
     with pytest.raises(VectorIndexError):
         register_backend("bad", "NoDots")
-    register_backend("missing-module", "search.vector_index.no_such_module.Index")
+    register_backend("missing-module", "search.core.vector_index.no_such_module.Index")
     with pytest.raises(VectorIndexError, match="cannot be imported"):
         get_backend("missing-module")
     register_backend("not-an-index", f"{__name__}.unit_vectors")
@@ -428,7 +428,7 @@ def _same_results_through_changes(candidate, reference, corpus, one_query_at_a_t
 
 
 def test_the_device_copy_gives_faiss_results_and_follows_every_change(monkeypatch, corpus):
-    from search.vector_index import faiss_flat
+    from search.core.vector_index import faiss_flat
 
     on_cpu = create_index(BACKEND, DIM)  # 20 queries at once: FAISS's float32 product
     # torch on the CPU stands in for the CUDA device here: same code path
@@ -437,7 +437,7 @@ def test_the_device_copy_gives_faiss_results_and_follows_every_change(monkeypatc
 
 
 def test_a_single_query_scans_fp16_and_returns_the_float32_ranking_and_scores(monkeypatch):
-    from search.vector_index import faiss_flat
+    from search.core.vector_index import faiss_flat
 
     # Clustered rows, so that neighbours lie close together: what the fp16 pass must not lose.
     rng = np.random.default_rng(3)
@@ -457,7 +457,7 @@ def test_a_single_query_scans_fp16_and_returns_the_float32_ranking_and_scores(mo
 def test_the_search_device_is_the_cpu_without_cuda_or_when_asked(monkeypatch):
     import torch
 
-    from search.vector_index import faiss_flat
+    from search.core.vector_index import faiss_flat
 
     monkeypatch.setenv(faiss_flat.DEVICE_ENV_VAR, "cpu")
     assert faiss_flat.search_device() is None

@@ -15,7 +15,7 @@ import os
 import numpy as np
 import pytest
 
-from search.vector_index import (
+from search.core.vector_index import (
     ChecksumMismatch,
     VectorIndexError,
     create_index,

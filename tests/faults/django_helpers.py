@@ -34,7 +34,7 @@ def setup(directory: str) -> dict:
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
-    from embeddings.checkpoints import build_random_checkpoint
+    from embeddings.core.checkpoints import build_random_checkpoint
     from embeddings.services import register_model
 
     from pathlib import Path
@@ -76,7 +76,7 @@ def index_setup(count: int) -> dict:
 
 def _slow_writes(chunk: int, pause: float, hold: float) -> None:
     from search import indexing
-    from search.vector_index import base
+    from search.core.vector_index import base
 
     real_atomic_write = base.atomic_write
     real_prune = indexing._prune_old_versions

@@ -13,7 +13,7 @@ import time
 
 from celery.signals import task_postrun, task_prerun
 
-from embeddings import siglip
+from embeddings.core import siglip
 from portal.celery import app
 
 EMBED_DELAY = float(os.environ.get("FAULT_EMBED_DELAY", "0"))

@@ -16,9 +16,9 @@ from django.core.management.base import BaseCommand, CommandError
 
 from embeddings import services
 from embeddings.models import EmbeddingModel
-from embeddings.siglip import ModelNotAvailable
+from embeddings.core.siglip import ModelNotAvailable
 
-from embeddings.management.commands.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+from evaluation.management.commands.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:
@@ -73,7 +73,7 @@ class Command(BaseCommand):
         return services.register_model(str(source), name=name, kind=kind)
 
     def random_model(self) -> EmbeddingModel:
-        from embeddings.checkpoints import build_random_checkpoint
+        from embeddings.core.checkpoints import build_random_checkpoint
 
         directory = Path(settings.STATE_DIR) / "models" / "random-siglip"
         if not (directory / "config.json").exists():

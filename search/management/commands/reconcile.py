@@ -2,13 +2,13 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from search import reconcile
+from search import reconciler
 
 
 class Command(BaseCommand):
     help = (
         "Re-queue assets stuck pending, check every vector index against Postgres and repair it, "
-        "and remove files no row refers to (see search/reconcile.py)."
+        "and remove files no row refers to (see search/reconciler.py)."
     )
 
     def add_arguments(self, parser):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
         parser.add_argument("--json", action="store_true", dest="as_json", help="print the report as JSON")
 
     def handle(self, *args, stuck_after=None, no_files=False, dry_run=False, as_json=False, **options):
-        report = reconcile.reconcile(stuck_after=stuck_after, files=not no_files, dry_run=dry_run)
+        report = reconciler.reconcile(stuck_after=stuck_after, files=not no_files, dry_run=dry_run)
         if as_json:
             self.stdout.write(json.dumps(report.as_dict(), indent=2, default=str))
             return

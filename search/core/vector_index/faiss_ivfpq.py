@@ -67,7 +67,7 @@ import struct
 import faiss
 import numpy as np
 
-from search.vector_index.base import (
+from search.core.vector_index.base import (
     VectorIndex,
     VectorIndexError,
     _is_int,
@@ -77,7 +77,7 @@ from search.vector_index.base import (
     empty_results,
     upsert_batch,
 )
-from search.vector_index.faiss_hnsw import faiss_part
+from search.core.vector_index.faiss_hnsw import faiss_part
 
 __all__ = ["FaissIVFPQIndex"]
 

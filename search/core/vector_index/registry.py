@@ -10,15 +10,15 @@ import importlib
 import os
 import threading
 
-from search.vector_index.base import VectorIndex, VectorIndexError, read_index_file
+from search.core.vector_index.base import VectorIndex, VectorIndexError, read_index_file
 
 __all__ = ["BACKENDS", "create_index", "get_backend", "load_index", "register_backend"]
 
 BACKENDS: dict[str, str] = {
-    "faiss-flat": "search.vector_index.faiss_flat.FaissFlatIndex",
-    "faiss-hnsw": "search.vector_index.faiss_hnsw.FaissHNSWIndex",
-    "faiss-ivfpq": "search.vector_index.faiss_ivfpq.FaissIVFPQIndex",
-    "pgvector": "search.vector_index.pgvector.PgVectorIndex",
+    "faiss-flat": "search.core.vector_index.faiss_flat.FaissFlatIndex",
+    "faiss-hnsw": "search.core.vector_index.faiss_hnsw.FaissHNSWIndex",
+    "faiss-ivfpq": "search.core.vector_index.faiss_ivfpq.FaissIVFPQIndex",
+    "pgvector": "search.core.vector_index.pgvector.PgVectorIndex",
 }
 
 _classes: dict[str, type[VectorIndex]] = {}

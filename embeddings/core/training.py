@@ -13,35 +13,35 @@ parameters, so a saved checkpoint carries them; a model trained from scratch
 starts at ``t' = log 10`` and ``b = -10`` as in the paper.
 
 Training data is a Karpathy split JSON (the format of Flickr30k and COCO, and
-of :mod:`embeddings.synthetic`) plus its image folder.  Every step takes a batch
+of :mod:`embeddings.core.synthetic`) plus its image folder.  Every step takes a batch
 of training images, each with one of its captions drawn at random.  Images are
 preprocessed once up front with the checkpoint's own preprocessing
-(:class:`embeddings.siglip.ImagePreprocessor`, exactly what the search path
+(:class:`embeddings.core.siglip.ImagePreprocessor`, exactly what the search path
 uses) and kept in memory; texts are padded to 64 tokens without an attention
-mask, as :class:`embeddings.siglip.SiglipEncoder` encodes them.
+mask, as :class:`embeddings.core.siglip.SiglipEncoder` encodes them.
 
 Two ways to start:
 
 * fine-tune a checkpoint (hub id or local directory), keeping its tokenizer::
 
-      python -m embeddings.training --data dataset_flickr30k.json \\
+      python -m embeddings.core.training --data dataset_flickr30k.json \\
           --image-root flickr30k-images --init google/siglip-base-patch16-224 \\
           --out runs/flickr --epochs 5 --batch-size 64 --lr 1e-5 --freeze-vision
 
 * train from scratch: a SentencePiece vocabulary is learnt from the training
   captions and a small SigLIP is built with
-  :func:`embeddings.checkpoints.tiny_siglip_config` (shape set with
+  :func:`embeddings.core.checkpoints.tiny_siglip_config` (shape set with
   ``--model-json``)::
 
-      python -m embeddings.training --data data.json --out runs/small --from-scratch
+      python -m embeddings.core.training --data data.json --out runs/small --from-scratch
 
 The offline demo model (a small SigLIP trained on the generated shapes world of
-:mod:`embeddings.synthetic`) is reproduced with one command::
+:mod:`embeddings.core.synthetic`) is reproduced with one command::
 
-    python -m embeddings.training --demo --out embeddings/demo_model
+    python -m embeddings.core.training --demo --out embeddings/demo_model
 
 Every run writes a complete checkpoint (model, tokenizer, preprocessing config)
-loadable by :class:`embeddings.siglip.SiglipEncoder`, a ``training_history.json``
+loadable by :class:`embeddings.core.siglip.SiglipEncoder`, a ``training_history.json``
 with loss and validation Recall@K after each epoch, and ``training_state.pt``
 (optimizer, scheduler, step) from which ``--resume`` continues.
 
@@ -355,7 +355,7 @@ def _embed(model, tensors: _Tensors, device, n_images: int | None = None, batch:
 
 
 def _evaluate(model, tensors: _Tensors, device, n_images: int | None, cpu_bf16=False) -> dict:
-    from evaluation.metrics import retrieval_metrics
+    from evaluation.core.metrics import retrieval_metrics
 
     was_training = model.training
     model.eval()
@@ -368,9 +368,9 @@ def _evaluate(model, tensors: _Tensors, device, n_images: int | None, cpu_bf16=F
 
 def evaluate_checkpoint(checkpoint_dir, data_json, split: str = "test", image_root=None, device=None) -> dict:
     """Recall@K / mAP of a saved checkpoint on one split, encoded through
-    :class:`embeddings.siglip.SiglipEncoder` (the search path)."""
-    from embeddings.siglip import SiglipEncoder
-    from evaluation.metrics import retrieval_metrics
+    :class:`embeddings.core.siglip.SiglipEncoder` (the search path)."""
+    from embeddings.core.siglip import SiglipEncoder
+    from evaluation.core.metrics import retrieval_metrics
 
     data = load_karpathy(data_json, (split,), image_root)
     encoder = SiglipEncoder(str(checkpoint_dir), device=device).load()
@@ -387,7 +387,7 @@ def _tokenizer_corpus(texts: list[str]) -> list[str]:
     words (colour and object names, say) as whole pieces on small, repetitive
     corpora, where it otherwise tends to split them into fragments.
     """
-    from embeddings.checkpoints import canonicalize_text
+    from embeddings.core.checkpoints import canonicalize_text
 
     words = sorted({w for t in texts for w in canonicalize_text(t).split()})
     return list(texts) + words
@@ -408,7 +408,7 @@ def _build_model(config: TrainConfig, train_texts: list[str], out_dir: Path):
             )
         return model, tokenizer
 
-    from embeddings.checkpoints import tiny_siglip_config, train_sentencepiece_tokenizer
+    from embeddings.core.checkpoints import tiny_siglip_config, train_sentencepiece_tokenizer
 
     tokenizer = train_sentencepiece_tokenizer(_tokenizer_corpus(train_texts), out_dir, vocab_size=config.vocab_size)
     model_config = tiny_siglip_config(len(tokenizer), **copy.deepcopy(config.model))
@@ -510,8 +510,8 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
     from tqdm import tqdm
     from transformers import AutoTokenizer, SiglipModel
 
-    from embeddings.checkpoints import save_checkpoint
-    from embeddings.siglip import ImagePreprocessor
+    from embeddings.core.checkpoints import save_checkpoint
+    from embeddings.core.siglip import ImagePreprocessor
 
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
@@ -730,7 +730,7 @@ def demo(out_dir="embeddings/demo_model", data_dir=None, *, num_threads=None, pr
     """Generate the shapes data set, train the demo SigLIP on it from scratch,
     measure it on the held-out test split through ``SiglipEncoder`` and save
     it (with ``demo_metrics.json``) to ``out_dir``."""
-    from embeddings import synthetic
+    from embeddings.core import synthetic
 
     data_params = dict(DEMO_DATA, **(data or {}))
     recipe = dict(DEMO_RECIPE, **(recipe or {}))

@@ -1,6 +1,6 @@
 """Pluggable vector indexes (plain Python, no Django).
 
-    from search.vector_index import create_index, load_index
+    from search.core.vector_index import create_index, load_index
 
     index = create_index("faiss-flat", dim=768)
     index.add(ids, unit_vectors)            # upsert by id
@@ -11,14 +11,14 @@
 Backends are registered by name in ``registry.BACKENDS`` and imported lazily.
 """
 
-from search.vector_index.base import (
+from search.core.vector_index.base import (
     ChecksumMismatch,
     VectorIndex,
     VectorIndexError,
     atomic_write,
     sha256_file,
 )
-from search.vector_index.registry import (
+from search.core.vector_index.registry import (
     BACKENDS,
     create_index,
     get_backend,

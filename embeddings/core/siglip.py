@@ -15,7 +15,7 @@ float32 vectors, ready for cosine / inner-product search.
   process.
 
 How the towers run (torch fp32/bf16, torch int8, ONNX Runtime fp32 or int8) is
-chosen with ``backend``; see :mod:`embeddings.inference`.
+chosen with ``backend``; see :mod:`embeddings.core.inference`.
 
 This module does not import Django.
 """
@@ -374,14 +374,14 @@ class SiglipEncoder:
     checkpoint directory.  Nothing is loaded until :meth:`load` (called
     implicitly by the encoding methods).  With the ``torch`` backend (the
     default here) the model runs in bfloat16 on CUDA and in float32 on CPU;
-    ``backend`` may name another one of :data:`embeddings.inference.BACKENDS`
+    ``backend`` may name another one of :data:`embeddings.core.inference.BACKENDS`
     or ``"auto"`` (the fastest for the device).  ONNX backends keep their
     exports in ``onnx_cache_dir``.  Outputs are always float32, L2-normalised.
     """
 
     def __init__(self, source: str, device: str | None = None, backend: str | None = "torch",
                  onnx_cache_dir=None, threads: int | None = None):
-        from embeddings import inference
+        from embeddings.core import inference
 
         self.source = str(source)
         self.device = str(device) if device else _default_device()
@@ -451,7 +451,7 @@ class SiglipEncoder:
         import torch
         from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 
-        from embeddings import inference
+        from embeddings.core import inference
 
         source = self._resolve_source()
         dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
@@ -642,8 +642,8 @@ def get_encoder(source: str, device: str | None = None, backend: str | None = "t
     """The process-wide encoder for ``(source, device, backend)``; created on
     first use and loaded lazily, so each process loads a given model at most
     once per backend.  ``backend`` ``"auto"`` resolves per device (see
-    :func:`embeddings.inference.default_backend`)."""
-    from embeddings import inference
+    :func:`embeddings.core.inference.default_backend`)."""
+    from embeddings.core import inference
 
     device = str(device) if device else _default_device()
     resolved = inference.resolve_backend(backend, device)

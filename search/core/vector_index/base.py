@@ -444,7 +444,7 @@ class VectorIndex(abc.ABC):
         called on a backend class, the file must have been written by it.
         """
         if cls is VectorIndex:
-            from search.vector_index.registry import load_index
+            from search.core.vector_index.registry import load_index
 
             return load_index(path, checksum=checksum)
         header, payload = read_index_file(path, checksum)

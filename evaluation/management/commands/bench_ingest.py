@@ -8,7 +8,7 @@ The model is the real SigLIP base architecture (``SiglipConfig()``: ViT-B/16
 at 224 px, 12 + 12 layers, 768-d embeddings) with random weights, so the
 compute is that of ``google/siglip-base-patch16-224`` without downloading it.
 It is built once and kept in ``--cache-dir`` (a checkpoint written with
-``embeddings.checkpoints`` and a SentencePiece tokenizer trained here). The
+``embeddings.core.checkpoints`` and a SentencePiece tokenizer trained here). The
 images are 640x480 JPEGs drawn with Pillow (gradients, shapes and noise, so
 they compress like photographs).
 
@@ -51,7 +51,7 @@ def base_checkpoint(cache_dir: Path) -> Path:
     """The SigLIP base architecture with random weights, built once."""
     from transformers import SiglipConfig
 
-    from embeddings.checkpoints import build_random_checkpoint
+    from embeddings.core.checkpoints import build_random_checkpoint
 
     path = cache_dir / "siglip-base-random"
     if (path / "config.json").exists() and any(path.glob("*.safetensors")):

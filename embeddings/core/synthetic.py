@@ -28,7 +28,7 @@ with the PNG files in ``<out_dir>/images/``.
 
 Command line::
 
-    python -m embeddings.synthetic OUT_DIR [--seed 0] [--n-train 12000]
+    python -m embeddings.core.synthetic OUT_DIR [--seed 0] [--n-train 12000]
         [--n-val 200] [--n-test 600] [--image-size 64]
 """
 

@@ -187,7 +187,7 @@ class Command(BaseCommand):
     def handle(self, *args, **opts):
         from tqdm import tqdm
 
-        from search.vector_index import create_index, get_backend
+        from search.core.vector_index import create_index, get_backend
 
         backend = opts["backend"] or settings.VECTOR_INDEX_BACKEND
         cls = get_backend(backend)
@@ -314,7 +314,7 @@ class Command(BaseCommand):
 
     def _refine_study(self, index, data, n, queries, truth, k, k_factor, sample_size) -> dict:
         """Recall@k of the same PQ candidates re-scored with each re-ranking code."""
-        from search.vector_index.faiss_ivfpq import decode_rerank, encode_rerank, train_rerank_codec
+        from search.core.vector_index.faiss_ivfpq import decode_rerank, encode_rerank, train_rerank_codec
 
         candidates = index.candidates(queries, k * k_factor)
         wanted = np.unique(candidates[candidates >= 0])

@@ -28,7 +28,7 @@ DEMO_MODEL_NAME = "offline-demo"
 def demo_checkpoint(retrain: bool, stdout) -> Path:
     if not retrain and (DEMO_MODEL_DIR / "config.json").exists():
         return DEMO_MODEL_DIR
-    from embeddings import training
+    from embeddings.core import training
 
     target = Path(settings.STATE_DIR) / "models" / "demo"
     stdout.write(f"Training the demo model into {target} (about 9 minutes on 2 CPU cores) …")
@@ -44,8 +44,8 @@ def activate_demo_model(checkpoint: Path) -> EmbeddingModel:
 
 def demo_gallery(data_dir: Path) -> Path:
     """The test split of the generated set (it does not depend on the training images)."""
-    from embeddings import synthetic
-    from embeddings.training import DEMO_DATA
+    from embeddings.core import synthetic
+    from embeddings.core.training import DEMO_DATA
 
     return synthetic.generate(data_dir, **dict(DEMO_DATA, n_train=0), progress=True)
 

@@ -40,7 +40,7 @@ import struct
 import faiss
 import numpy as np
 
-from search.vector_index.base import (
+from search.core.vector_index.base import (
     VectorIndex,
     VectorIndexError,
     _is_int,

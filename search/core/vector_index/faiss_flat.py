@@ -34,7 +34,7 @@ import threading
 import faiss
 import numpy as np
 
-from search.vector_index.base import (
+from search.core.vector_index.base import (
     VectorIndex,
     VectorIndexError,
     as_ids,

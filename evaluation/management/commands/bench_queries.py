@@ -310,7 +310,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **opts):
         from embeddings.models import EmbeddingModel
-        from embeddings.siglip import _default_device
+        from embeddings.core.siglip import _default_device
 
         self.opts = opts
         self.device = settings.SIGLIP_DEVICE or _default_device()
@@ -408,7 +408,7 @@ class Command(BaseCommand):
     # -- setup ---------------------------------------------------------------
 
     def _backend(self, name) -> str:
-        from embeddings.inference import resolve_backend
+        from embeddings.core.inference import resolve_backend
 
         value = name or settings.SIGLIP_INFERENCE
         try:
@@ -528,7 +528,7 @@ class Command(BaseCommand):
         from tqdm import tqdm
 
         from search.models import IndexBuild
-        from search.vector_index import create_index
+        from search.core.vector_index import create_index
 
         index = create_index(settings.VECTOR_INDEX_BACKEND, model.dimension)
         rng = np.random.default_rng(1234 if modality == "image" else 5678)
@@ -563,7 +563,7 @@ class Command(BaseCommand):
             self.stderr.write(f"could not clear the query cache: {exc}")
 
     def _encoder(self, model):
-        from embeddings.siglip import get_encoder
+        from embeddings.core.siglip import get_encoder
 
         return get_encoder(model.source, device=settings.SIGLIP_DEVICE, backend=self.backend,
                            onnx_cache_dir=Path(settings.STATE_DIR) / "onnx").load()
@@ -753,7 +753,7 @@ class Command(BaseCommand):
         """Where a query's time goes, measured step by step in this process (one thread)."""
         from rest_framework.renderers import JSONRenderer
 
-        from embeddings.siglip import load_image
+        from embeddings.core.siglip import load_image
         from search.api import serializers as s
         from search.indexing import loaded_indices
         from search.ingest import inspect_image
@@ -834,8 +834,8 @@ class Command(BaseCommand):
     def _compare_backends(self, source, seed) -> None:
         """Time the text and image towers of every backend on one model, interleaved
         round by round so that a change in machine load hits them all alike."""
-        from embeddings.inference import BACKENDS, default_threads
-        from embeddings.siglip import SiglipEncoder
+        from embeddings.core.inference import BACKENDS, default_threads
+        from embeddings.core.siglip import SiglipEncoder
 
         source = str(Path(source).resolve()) if Path(source).is_dir() else source
         names = [b for b in BACKENDS if b == "torch" or self.device == "cpu"]
@@ -891,7 +891,7 @@ class Command(BaseCommand):
 
     def _quality(self, model) -> dict:
         """Cosine between this backend's embeddings and float32 torch on the same inputs."""
-        from embeddings.siglip import SiglipEncoder
+        from embeddings.core.siglip import SiglipEncoder
 
         if self.backend == "torch" and not self.device.startswith("cuda"):
             return {"backend": self.backend, "note": "the reference itself"}
@@ -912,8 +912,8 @@ class Command(BaseCommand):
 
     def _recall(self, source) -> dict | None:
         """Recall@K on the synthetic shapes test split: float32 torch vs this backend."""
-        from embeddings.siglip import SiglipEncoder
-        from evaluation import metrics
+        from embeddings.core.siglip import SiglipEncoder
+        from evaluation.core import metrics
 
         if source is None:
             demo = Path(settings.BASE_DIR) / "embeddings" / "demo_model"
@@ -922,7 +922,7 @@ class Command(BaseCommand):
             source = str(demo)
         if source.lower() == "none":
             return None
-        from embeddings import synthetic
+        from embeddings.core import synthetic
 
         items = [item for item in synthetic.plan(seed=0, n_train=0) if item.split == "test"]
         images, captions, mapping = [], [], []

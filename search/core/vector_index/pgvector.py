@@ -69,7 +69,7 @@ from typing import Callable
 
 import numpy as np
 
-from search.vector_index.base import (
+from search.core.vector_index.base import (
     VectorIndex,
     VectorIndexError,
     _is_int,
