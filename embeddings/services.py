@@ -1,4 +1,5 @@
-"""Embedding services: which model is active, and embedding assets with it."""
+"""Embedding models: which one is active, its loaded encoder, registering checkpoints,
+training one and the offline demo model."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ import logging
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
 
-from embeddings.models import Embedding, EmbeddingModel
-from embeddings.core.siglip import ModelNotAvailable, SiglipEncoder, get_encoder
+from embeddings.core.siglip import SiglipEncoder, get_encoder
+from embeddings.models import EmbeddingModel
 
 log = logging.getLogger(__name__)
 
@@ -50,114 +50,35 @@ def register_model(source: str, *, name: str | None = None, kind: str = Embeddin
     return model
 
 
-def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:
-    """Embed an image and its captions that have no vector yet; returns how many were stored.
-
-    Idempotent: running it twice stores nothing the second time. An asset deleted before
-    or while this runs is done (0), not an error.
-    """
-    from search.ingest import inspect_image
-    from search.models import Caption, ImageAsset
-
-    model = model or active_model()
-    asset = ImageAsset.objects.filter(pk=asset_id).first()
-    if asset is None:
-        return 0  # deleted before its turn came
-    encoder = encoder_for(model)
-    image_vector = None
-    if not Embedding.objects.filter(model=model, asset_id=asset_id).exists():
-        try:
-            with asset.file.open("rb") as handle:
-                data = handle.read()
-        except FileNotFoundError:
-            if not ImageAsset.objects.filter(pk=asset_id).exists():
-                return 0  # deleted while this ran: its file went with it
-            raise
-        # The same caps as at upload (size, pixels from the header, format, complete data), so a
-        # file that changed on disk or came in another way cannot take the worker down.
-        inspect_image(data)
-        image_vector = encoder.encode_images([data])[0]
-    captions = list(Caption.objects.filter(asset_id=asset_id).exclude(embeddings__model=model)
-                    .order_by("id").values_list("id", "text"))
-    vectors = encoder.encode_texts([text for _, text in captions]) if captions else []
-    return store_vectors(model, asset_id, image_vector,
-                         [(caption_id, text, vector) for (caption_id, text), vector in zip(captions, vectors)])
 
 
-def store_vectors(model: EmbeddingModel, asset_id: int, image_vector, caption_vectors) -> int:
-    """Store the vectors of one asset, encoded before: ``image_vector`` (or ``None``) and
-    ``(caption id, text it was encoded from, vector)`` triples; how many were stored.
+def train_and_register(options: dict, *, name: str | None = None, activate: bool = False, on_progress=None):
+    """Train with ``embeddings.core.training`` and record the checkpoint as an embedding model."""
+    from embeddings.core import training
 
-    Under the asset's row lock (``search.locking``): nothing is stored for an asset deleted
-    meanwhile, nor for a caption deleted or edited since it was encoded (its new text gets
-    a vector from the task the edit queued)."""
-    from search.locking import retry_on_conflict
-
-    return retry_on_conflict(_store_vectors)(model, asset_id, image_vector, caption_vectors)
-
-
-def _store_vectors(model, asset_id, image_vector, caption_vectors) -> int:
-    from search.indexing import schedule_index_sync
-    from search.locking import lock_assets
-    from search.models import Caption
-
-    with transaction.atomic():
-        if not lock_assets([asset_id]):
-            return 0
-        texts = dict(Caption.objects.filter(asset_id=asset_id).values_list("id", "text"))
-        rows = [] if image_vector is None else [Embedding(model=model, asset_id=asset_id,
-                                                          vector=Embedding.pack(image_vector))]
-        rows += [Embedding(model=model, caption_id=caption_id, vector=Embedding.pack(vector))
-                 for caption_id, text, vector in caption_vectors if texts.get(caption_id) == text]
-        Embedding.objects.bulk_create(rows, ignore_conflicts=True)
-        # Captions added while this ran keep the asset pending: their own task (or the
-        # reconciler) embeds them and marks it embedded then.
-        mark_complete(model, [asset_id])
-        schedule_index_sync(model.pk)
-    return len(rows)
+    config = training.TrainConfig.from_dict(options)
+    result = training.train(config, on_progress=on_progress)
+    kind = EmbeddingModel.Kind.FINE_TUNED if config.init else EmbeddingModel.Kind.TRAINED
+    model = register_model(str(result.checkpoint_dir), name=name, kind=kind, activate=activate)
+    return model, result
 
 
-def mark_complete(model: EmbeddingModel, asset_ids) -> int:
-    """Mark ``embedded`` those of these assets whose image and every caption have a vector of
-    ``model``; how many. Callers hold the asset rows (``search.locking.lock_assets``)."""
-    from django.db.models import Exists, OuterRef
-
-    from search.models import Caption, ImageAsset
-
-    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
-    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
-        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
-    )
-    return (ImageAsset.objects.filter(pk__in=list(asset_ids)).filter(Exists(image_done)).exclude(Exists(caption_missing))
-            .exclude(status=ImageAsset.Status.EMBEDDED, error="")
-            .update(status=ImageAsset.Status.EMBEDDED, error=""))
+DEMO_MODEL_DIR = Path(settings.BASE_DIR) / "embeddings" / "demo_model"
+DEMO_MODEL_NAME = "offline-demo"
 
 
-def assets_missing_vectors(model: EmbeddingModel):
-    """Assets whose image or any caption has no vector for the model (a queryset)."""
-    from django.db.models import Exists, OuterRef
+def demo_checkpoint(retrain: bool, stdout) -> Path:
+    if not retrain and (DEMO_MODEL_DIR / "config.json").exists():
+        return DEMO_MODEL_DIR
+    from embeddings.core import training
 
-    from search.models import Caption, ImageAsset
-
-    image_done = Embedding.objects.filter(model=model, asset=OuterRef("pk"))
-    caption_missing = Caption.objects.filter(asset=OuterRef("pk")).exclude(
-        Exists(Embedding.objects.filter(model=model, caption=OuterRef("pk")))
-    )
-    return ImageAsset.objects.filter(~Exists(image_done) | Exists(caption_missing))
+    target = Path(settings.STATE_DIR) / "models" / "demo"
+    stdout.write(f"Training the demo model into {target} (about 9 minutes on 2 CPU cores) …")
+    return training.demo(out_dir=target, data_dir=Path(settings.STATE_DIR) / "datasets" / "shapes-train")
 
 
-def mark_failed(asset_id: int, reason: str) -> None:
-    from search.models import ImageAsset
-
-    ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.FAILED, error=reason[:2000])
-
-
-__all__ = [
-    "ModelNotAvailable",
-    "NoActiveModel",
-    "active_model",
-    "embed_asset",
-    "encoder_for",
-    "mark_failed",
-    "register_model",
-]
+def activate_demo_model(checkpoint: Path) -> EmbeddingModel:
+    existing = EmbeddingModel.objects.filter(source=str(checkpoint.resolve())).first()
+    model = existing or register_model(str(checkpoint), name=DEMO_MODEL_NAME, kind=EmbeddingModel.Kind.DEMO)
+    model.activate()
+    return model

@@ -20,7 +20,7 @@ Supported layouts (``kind``):
     The generated shapes set (``embeddings.core.synthetic``): Karpathy format,
     ``dataset_synthetic.json`` with the images in ``images/`` next to it.
 
-Every image becomes an ordinary asset through ``search.ingest.ingest_image``,
+Every image becomes an ordinary asset through ``search.curation.ingest_image``,
 in a named collection; re-importing is idempotent (the same bytes are the same
 asset, known captions are not added twice). Each image keeps at most
 ``captions_per_image`` captions (5 by default, the usual 1K / 5K protocol:
@@ -40,7 +40,8 @@ from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
-from search.ingest import InvalidUpload, clean_captions, ingest_image
+from search.curation import ingest_image
+from search.validation import InvalidUpload, clean_captions
 
 KARPATHY_KINDS = {"flickr30k": "flickr30k", "coco": "coco", "synthetic": "synthetic"}
 KINDS = ("flickr30k", "coco", "coco2017", "synthetic")
@@ -347,6 +348,8 @@ class ImportResult:
     created: int = 0
     existing: int = 0
     new_captions: int = 0
+    to_embed: list[int] = field(default_factory=list)  # for search.tasks.queue_follow_ups
+    changes_indices: bool = False
 
 
 def import_dataset(
@@ -354,7 +357,6 @@ def import_dataset(
     collection: str | None = None,
     *,
     progress: Progress | None = None,
-    queue_embedding: bool = True,
     user=None,
 ) -> ImportResult:
     """Ingest every image of the dataset with its captions into ``collection``.
@@ -376,7 +378,7 @@ def import_dataset(
         try:
             outcome = ingest_image(
                 data, item.captions, original_name=item.relative_name, user=user,
-                collection=collection, queue_embedding=queue_embedding,
+                collection=collection,
             )
         except InvalidUpload as exc:
             raise DatasetError(f"{dataset.json_path}: {item.label}: {item.path}: {exc}") from exc
@@ -386,6 +388,7 @@ def import_dataset(
         else:
             result.existing += 1
         result.new_captions += len(outcome.new_captions)
+        result.to_embed += outcome.to_embed
         if progress is not None:
             progress(done, total)
     return result

@@ -4,9 +4,9 @@ A retrieval run
 
 1. imports the dataset split into its collection (idempotent, ``datasets``);
 2. embeds, in this process, every gallery asset that lacks vectors for the
-   run's model (``embeddings.services.embed_asset``);
+   run's model (``search.asset_vectors.embed_asset``);
 3. brings the model's indices in line with the stored vectors
-   (``search.indexing.sync_indices``);
+   (``search.index_sync.sync_indices``);
 4. retrieves through the same indices and code as the portal's searches:
    ``loaded_indices.get(model, modality)`` and the index's ``search()``. Text
    queries are encoded as ``search.queries.search_text`` encodes them: the
@@ -47,17 +47,20 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
 
-from embeddings.models import Embedding, EmbeddingModel
-from embeddings.services import active_model, assets_missing_vectors as missing_vectors_query, embed_asset, encoder_for
 from embeddings.core.siglip import TEXT_MAX_LENGTH
-from search.indexing import loaded_indices, stored_vectors, sync_indices
-from search.models import Caption, ImageAsset, IndexBuild, normalise_text
-from search.queries import clean_text_query
-
+from embeddings.models import Embedding, EmbeddingModel
+from embeddings.services import active_model, encoder_for
 from evaluation import datasets
-
 from evaluation.core import metrics
 from evaluation.models import BenchmarkRun
+from search.asset_vectors import assets_missing_vectors as missing_vectors_query
+from search.asset_vectors import embed_asset
+from search.index_sync import stored_vectors, sync_indices
+from search.models import Caption, ImageAsset, IndexBuild, normalise_text
+from search.queries import clean_text_query
+from search.serving import loaded_indices
+from evaluation.tasks import run_benchmark as task
+from evaluation.core import plots
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +125,6 @@ def prepare_run(
 
 def queue_run(run: BenchmarkRun) -> BenchmarkRun:
     """Save the run and hand it to a worker once the transaction commits."""
-    from evaluation.tasks import run_benchmark as task
 
     run.status = BenchmarkRun.Status.QUEUED
     run.save()
@@ -307,7 +309,7 @@ def _run_retrieval(run: BenchmarkRun, report: Reporter) -> None:
     dataset = datasets.load(run.dataset, run.dataset_path, split=run.split or None, limit=run.limit)
     run.split = dataset.split
     imported = datasets.import_dataset(
-        dataset, run.collection or None, queue_embedding=False, progress=report.span(1, 15, "importing images"),
+        dataset, run.collection or None, progress=report.span(1, 15, "importing images"),
     )
     run.collection = imported.collection
     gallery = build_gallery(dataset, imported.asset_ids)
@@ -513,7 +515,6 @@ def measure_text_throughput(encoder, texts) -> tuple[float | None, dict]:
 
 def save_sample_grid(run: BenchmarkRun, gallery: Gallery, text_tops: dict, image_tops: dict) -> str:
     """Draw the sampled queries with their top results; returns the media path of the PNG."""
-    from evaluation.core import plots
 
     assets = ImageAsset.objects.in_bulk(
         {int(i) for ids, _ in text_tops.values() for i in ids if i >= 0}

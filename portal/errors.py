@@ -11,10 +11,11 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from embeddings.services import ModelNotAvailable, NoActiveModel
+from embeddings.core.siglip import ModelNotAvailable
+from embeddings.services import NoActiveModel
 from portal.middleware import UNAVAILABLE, log_unavailable, unavailable_status
-from search.ingest import InvalidUpload
 from search.queries import InvalidQuery
+from search.validation import InvalidUpload
 
 
 def exception_handler(exc, context):

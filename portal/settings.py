@@ -208,7 +208,7 @@ UPLOAD_MAX_ARCHIVE_BYTES = int(os.environ.get("UPLOAD_MAX_ARCHIVE_BYTES", str(10
 UPLOAD_MAX_REQUEST_BYTES = int(os.environ.get("UPLOAD_MAX_REQUEST_BYTES", str(512 * 1024 * 1024)))
 # The first handler stops storing a file once it passes UPLOAD_MAX_BYTES.
 FILE_UPLOAD_HANDLERS = [
-    "search.ingest.UploadLimitHandler",
+    "search.validation.UploadLimitHandler",
     "django.core.files.uploadhandler.MemoryFileUploadHandler",
     "django.core.files.uploadhandler.TemporaryFileUploadHandler",
 ]
@@ -243,7 +243,7 @@ RECONCILE_INTERVAL = int(os.environ.get("RECONCILE_INTERVAL", "300"))
 RECONCILE_STUCK_AFTER = int(os.environ.get("RECONCILE_STUCK_AFTER", "600"))
 CELERY_BEAT_SCHEDULE = {
     "reconcile": {
-        "task": "search.tasks.reconcile",
+        "task": "search.tasks.reconcile_task",
         "schedule": RECONCILE_INTERVAL,
         "options": {"expires": RECONCILE_INTERVAL},
     },

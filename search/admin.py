@@ -1,3 +1,5 @@
+"""The admin: curators upload (one image or many), edit captions, delete; staff manage embedding models."""
+
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
@@ -6,7 +8,8 @@ from django.shortcuts import redirect, render
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from search import ingest
+from embeddings.models import EmbeddingModel
+from search import archives, curation, tasks, validation
 from search.api.access import UploadThrottle, check_throttles
 from search.locking import lock_assets
 from search.models import Caption, ImageAsset, IndexBuild, normalise_text
@@ -48,9 +51,9 @@ class ImageAssetAddForm(forms.ModelForm):
     def clean_image(self):
         upload = self.cleaned_data["image"]
         try:
-            data = ingest.read_upload(upload)
-            self.image_info = ingest.inspect_image(data)
-        except ingest.InvalidUpload as exc:
+            data = validation.read_upload(upload)
+            self.image_info = validation.inspect_image(data)
+        except validation.InvalidUpload as exc:
             raise ValidationError(str(exc)) from exc
         self.image_bytes, self.image_name = data, upload.name
         return upload
@@ -125,9 +128,9 @@ class ImageAssetAdmin(admin.ModelAdmin):
             if form.changed_data:
                 obj.save(update_fields=[f for f in form.changed_data if f in self.editable_fields])
             return None
-        result = ingest.ingest_image(form.image_bytes, [], original_name=form.image_name,
-                                     user=request.user, collection=form.cleaned_data.get("collection", ""),
-                                     queue_embedding=False)
+        result = curation.ingest_image(form.image_bytes, [], original_name=form.image_name,
+                                     user=request.user, collection=form.cleaned_data.get("collection", ""))
+        # Embedding is queued once the inline captions are saved too (save_formset).
         # The admin keeps using `obj`: make it the stored row.
         for field in ImageAsset._meta.concrete_fields:
             setattr(obj, field.attname, getattr(result.asset, field.attname))
@@ -141,7 +144,8 @@ class ImageAssetAdmin(admin.ModelAdmin):
             return
         texts = [f.cleaned_data["text"] for f in formset.forms
                  if f.cleaned_data and not f.cleaned_data.get("DELETE") and f.cleaned_data.get("text")]
-        result = ingest.add_captions(form.instance, texts, created=True)
+        result = curation.add_captions(form.instance, texts, created=True)
+        tasks.queue_follow_ups(result)
         # What the admin's history message reads.
         formset.new_objects, formset.changed_objects, formset.deleted_objects = result.new_captions, [], []
 
@@ -159,7 +163,8 @@ class ImageAssetAdmin(admin.ModelAdmin):
                 remove.append(caption.pk)
             elif caption_form.has_changed() and data.get("text"):
                 edit[caption.pk] = data["text"]
-        changes = ingest.update_captions(asset, add=add, edit=edit, remove=remove)
+        changes = curation.update_captions(asset, add=add, edit=edit, remove=remove)
+        tasks.queue_follow_ups(changes)
         # What the admin's history message reads.
         formset.new_objects, formset.deleted_objects = changes.added, changes.removed
         formset.changed_objects = [(caption, ["text"]) for caption in changes.edited]
@@ -168,12 +173,12 @@ class ImageAssetAdmin(admin.ModelAdmin):
         self.delete_queryset(request, ImageAsset.objects.filter(pk=obj.pk))
 
     def delete_queryset(self, request, queryset):
-        ingest.delete_assets(queryset)
+        if curation.delete_assets(queryset):
+            tasks.schedule_index_syncs()
 
     @admin.action(description="Embed again (missing vectors only)")
     def reembed(self, request, queryset):
-        for asset_id in queryset.values_list("pk", flat=True):
-            ingest.queue_embed(asset_id)
+        tasks.queue_embedding(*queryset.values_list("pk", flat=True))
 
     def get_urls(self):
         return [
@@ -195,15 +200,16 @@ class ImageAssetAdmin(admin.ModelAdmin):
                 files = [(f.name, f) for f in form.cleaned_data["images"]]
                 captions = {}
                 if form.cleaned_data.get("archive"):
-                    archived, captions = ingest.files_from_zip(
-                        ingest.read_upload(form.cleaned_data["archive"], limit=settings.UPLOAD_MAX_ARCHIVE_BYTES))
+                    archived, captions = archives.files_from_zip(
+                        validation.read_upload(form.cleaned_data["archive"], limit=settings.UPLOAD_MAX_ARCHIVE_BYTES))
                     files += archived
                 if form.cleaned_data.get("captions"):
                     upload = form.cleaned_data["captions"]
-                    captions.update(ingest.captions_from_file(upload.name, ingest.read_upload(upload)))
-                result = ingest.ingest_many(files, captions, user=request.user,
+                    captions.update(archives.captions_from_file(upload.name, validation.read_upload(upload)))
+                result = curation.ingest_many(files, captions, user=request.user,
                                             collection=form.cleaned_data.get("collection") or "")
-            except ingest.InvalidUpload as exc:
+                tasks.queue_follow_ups(result)
+            except validation.InvalidUpload as exc:
                 form.add_error(None, str(exc))
             else:
                 if result.errors and not (result.created or result.existing):
@@ -225,7 +231,7 @@ class ImageAssetAdmin(admin.ModelAdmin):
         except ImageAsset.DoesNotExist as exc:  # deleted by someone else meanwhile; nothing was kept
             messages.error(request, str(exc))
             return redirect(reverse("admin:search_imageasset_changelist"))
-        except ingest.InvalidUpload as exc:  # a caption another writer added meanwhile, say
+        except validation.InvalidUpload as exc:  # a caption another writer added meanwhile, say
             messages.error(request, f"Nothing was saved: {exc}")
             return redirect(request.path)
         if request.method == "POST" and response.status_code == 200:
@@ -243,3 +249,25 @@ class IndexBuildAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+@admin.register(EmbeddingModel)
+class EmbeddingModelAdmin(admin.ModelAdmin):
+    list_display = ["name", "kind", "source", "dimension", "image_size", "is_active", "created"]
+    readonly_fields = ["dimension", "image_size", "created"]
+    actions = ["activate", "rebuild"]
+
+    @admin.action(description="Make active (one model at a time)")
+    def activate(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Choose exactly one model.", messages.ERROR)
+            return
+        queryset.get().activate()
+        self.message_user(request, "Activated. Assets without vectors for it need embedding: "
+                                   "run `manage.py embed_missing`.")
+
+    @admin.action(description="Rebuild its indices from stored vectors")
+    def rebuild(self, request, queryset):
+        for model in queryset:
+            tasks.rebuild_indices_task.delay(model.pk)
+        self.message_user(request, "Rebuild queued.")

@@ -12,7 +12,7 @@ order, so two writers can wait for each other but never in a circle:
    embed (its storing transaction), caption additions and edits, bulk embedding, the
    reconciler's repairs. Captions and vectors are only written while their asset row is
    held, so a delete that holds the row sees every child it must remove;
-3. the **index lock** of one model and modality (``search.indexing``), taken by index
+3. the **index lock** of one model and modality (``search.index_sync``), taken by index
    writers only, which hold no asset row.
 
 Advisory locks here are transaction-scoped: they end with the transaction, also when the

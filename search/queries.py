@@ -11,13 +11,15 @@ import numpy as np
 from django.conf import settings
 
 from embeddings.models import Embedding, EmbeddingModel
-from embeddings.services import NoActiveModel, encoder_for
-
-from search import querycache
-from search.indexing import loaded_indices, with_latest_versions
+from embeddings.services import encoder_for
+from search import serving
 from search.models import Caption, ImageAsset, IndexBuild
+from search.serving import loaded_indices
+from search.serving import ServingCheck, _on_serving_model, _signature_sql, serving_model
+from search.validation import inspect_image
 
 log = logging.getLogger(__name__)
+
 
 TEXT_QUERY_MAX_CHARS = 1000
 
@@ -94,108 +96,10 @@ def _nearest(model, modality, vector: np.ndarray, k: int, fetch_rows, cache_use:
 
 def _result_cache(cache_use: list) -> str:
     """Where a search's neighbours came from: a miss if any index was searched."""
-    if not cache_use or querycache.MISS in cache_use:
-        return querycache.MISS
-    return querycache.HIT_SHARED if querycache.HIT_SHARED in cache_use else querycache.HIT_LOCAL
+    if not cache_use or serving.MISS in cache_use:
+        return serving.MISS
+    return serving.HIT_SHARED if serving.HIT_SHARED in cache_use else serving.HIT_LOCAL
 
-
-# The queries of a search are sent as SQL written once per process: building them
-# through the ORM on every search cost more than running them (measured: 0.76 and
-# 0.53 ms of Python against 0.19 and 0.28 ms in PostgreSQL).
-
-
-@functools.cache
-def _serving_model_sql() -> tuple[str, tuple]:
-    """The active model with its newest index versions, and that row as text (its
-    ``serving_signature``): what a search checks its remembered model against."""
-    models = with_latest_versions(EmbeddingModel.objects.filter(is_active=True)).order_by("pk")[:1]
-    sql, params = models.query.sql_with_params()
-    return f"SELECT serving::text AS serving_signature, serving.* FROM ({sql}) serving", params
-
-
-@functools.cache
-def _signature_sql() -> tuple[str, tuple]:
-    sql, params = _serving_model_sql()
-    return f"(SELECT checked.serving_signature FROM ({sql}) checked)", params
-
-
-class StaleServingModel(Exception):
-    """The database no longer serves the model a search started from."""
-
-
-class ServingModel:
-    """The active model with its index versions as this process last read them.
-
-    A search starts from the remembered model and has the query that fetches its hit
-    rows check it (:class:`ServingCheck`: one more column, no round trip of its own).
-    When the model or an index version changed meanwhile, the search runs again on a
-    fresh lookup, so no answer comes from a model or version the database has left.
-    """
-
-    def __init__(self):
-        self._model: EmbeddingModel | None = None
-
-    def remembered(self) -> EmbeddingModel | None:
-        return self._model
-
-    def lookup(self) -> EmbeddingModel:
-        """Read the serving model from the database (one query) and remember it."""
-        sql, params = _serving_model_sql()
-        model = next(iter(EmbeddingModel.objects.raw(sql, params)), None)
-        self._model = model
-        if model is None:
-            raise NoActiveModel()
-        return model
-
-    def forget(self) -> None:
-        self._model = None
-
-
-serving = ServingModel()
-
-
-def serving_model() -> EmbeddingModel:
-    """The active model with its newest index versions, read now."""
-    return serving.lookup()
-
-
-class ServingCheck:
-    """Checks a remembered model in the first row query of a search."""
-
-    def __init__(self, model: EmbeddingModel):
-        self.model = model
-        self.pending = True
-
-    def verify(self, signature: str | None) -> None:
-        self.pending = False
-        if signature != self.model.serving_signature:
-            raise StaleServingModel()
-
-    def settle(self) -> None:
-        """A search that fetched no row (an empty index) checks with a lookup of its own."""
-        if self.pending:
-            self.verify(serving.lookup().serving_signature)
-
-
-def _on_serving_model(search):
-    """``search(model, check)`` on the remembered serving model, checked by the search's
-    first row query; once more on a fresh lookup if the database serves another model
-    or versions, or if the remembered model failed before it could be checked (a
-    deleted model's files, say)."""
-    model = serving.remembered()
-    if model is not None:
-        check = ServingCheck(model)
-        try:
-            result = search(model, check)
-            check.settle()
-            return result
-        except StaleServingModel:
-            pass
-        except Exception:
-            if not check.pending:
-                raise  # the model was current: a real failure
-        serving.forget()
-    return search(serving.lookup(), None)
 
 
 def _rows_by_id(model_cls, columns: str, ids, check: ServingCheck | None) -> dict:
@@ -236,12 +140,12 @@ def search_text(query, k=10) -> SearchResult:
 def _search_text(model, check, query: str, k: int, started: float) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     encoder = encoder_for(model)
-    vector, cache = querycache.text_embedding(model, encoder, query)
+    vector, cache = serving.text_embedding(model, encoder, query)
     encoded = time.perf_counter()
     cache_use: list[str] = []
     # Neighbours go to the shared cache too; they can only be there if the vector was.
-    shared_level = querycache.shared_level(encoder)
-    shared = (shared_level and cache != querycache.MISS, shared_level)
+    shared_level = serving.shared_level(encoder)
+    shared = (shared_level and cache != serving.MISS, shared_level)
     fetch = functools.partial(fetch_assets, check=check)
     hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch, cache_use, shared)
     done = time.perf_counter()
@@ -273,7 +177,6 @@ def _image_results(model, check, vector, k, started, encoded) -> SearchResult:
 
 def search_image(data: bytes, k=10) -> SearchResult:
     """Captions (image→text) and similar images (image→image) for uploaded image bytes."""
-    from search.ingest import inspect_image
 
     k = validate_k(k)
     decoded = inspect_image(data, keep_decoded=True).image

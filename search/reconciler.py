@@ -1,9 +1,10 @@
 """The reconciler: finds what fell through the cracks and puts it right.
 
-Run periodically by Celery beat (``search.tasks.reconcile``) and by hand with
+Run periodically by Celery beat (``search.tasks.reconcile_task``) and by hand with
 ``python manage.py reconcile``. Each run
 
-1. re-queues assets left ``pending`` longer than RECONCILE_STUCK_AFTER (their task was
+1. picks for re-queueing (the caller queues them: ``search.tasks.queue_requeued``) the
+   assets left ``pending`` longer than RECONCILE_STUCK_AFTER (their task was
    lost: Valkey wiped, an upload while the queue was down, a task that ran out of
    retries). Each one at most once per threshold window, so a long queue is not
    flooded with copies; running the task twice is harmless anyway.
@@ -27,14 +28,12 @@ from pathlib import Path
 import numpy as np
 from django.conf import settings
 from django.core.cache import cache
-from django.utils import timezone
-
 from django.db import transaction
 from django.db.models import Q
+from django.utils import timezone
 
 from embeddings.models import Embedding, EmbeddingModel
-
-from search import indexing, ingest
+from search import curation, index_sync
 from search.locking import lock_assets, lock_content
 from search.models import ImageAsset, IndexBuild
 
@@ -64,7 +63,9 @@ class IndexCheck:
 @dataclass
 class ReconcileReport:
     stuck: int = 0
+    to_requeue: list[int] = field(default_factory=list)  # queued by search.tasks.queue_requeued
     requeued: list[int] = field(default_factory=list)
+    to_sync: list[int] = field(default_factory=list)  # models whose indices lost rows here
     indices: list[IndexCheck] = field(default_factory=list)
     orphan_files: list[str] = field(default_factory=list)
     orphan_index_files: list[str] = field(default_factory=list)
@@ -91,8 +92,6 @@ def stuck_assets(older_than: float):
 
 
 def requeue_stuck(report: ReconcileReport, older_than: float, *, dry_run: bool = False) -> None:
-    from embeddings.tasks import embed_asset
-
     ids = list(stuck_assets(older_than).values_list("pk", flat=True)[:REQUEUE_LIMIT])
     report.stuck = len(ids)
     for asset_id in ids:
@@ -104,12 +103,7 @@ def requeue_stuck(report: ReconcileReport, older_than: float, *, dry_run: bool =
                     continue  # re-queued within the last window: its task is probably still queued
             except Exception:
                 pass
-        try:
-            embed_asset.delay(asset_id)
-        except Exception as exc:  # the queue is down: try again on the next run
-            report.errors.append(f"could not queue asset {asset_id}: {exc}")
-            break
-        report.requeued.append(asset_id)
+        report.to_requeue.append(asset_id)
 
 
 def models_with_indices():
@@ -121,8 +115,8 @@ def models_with_indices():
 
 
 def check_index(model: EmbeddingModel, modality: str, *, repair: bool = True) -> IndexCheck:
-    wanted = indexing.stored_ids(model, modality)
-    index, build = indexing._load_latest_valid(model, modality)
+    wanted = index_sync.stored_ids(model, modality)
+    index, build = index_sync.load_latest_valid(model, modality)
     present = index.ids() if index is not None else np.zeros(0, dtype=np.int64)
     check = IndexCheck(
         model=model.name,
@@ -137,17 +131,17 @@ def check_index(model: EmbeddingModel, modality: str, *, repair: bool = True) ->
         return check
     log.warning("index %s/%s is out of step (%s missing, %s extra): syncing",
                 model.name, modality, check.missing, check.extra)
-    result = indexing.sync_index(model, modality)
+    result = index_sync.sync_index(model, modality)
     check.repaired = True
     check.version = result.build.version if result.build else None
-    if result.build is None or result.build.vector_count != len(indexing.stored_ids(model, modality)):
+    if result.build is None or result.build.vector_count != len(index_sync.stored_ids(model, modality)):
         check.error = "the repaired index still differs from Postgres (vectors changed meanwhile?)"
     return check
 
 
 def check_indices(report: ReconcileReport, *, repair: bool = True) -> None:
     for model in models_with_indices():
-        for modality in indexing.MODALITIES:
+        for modality in index_sync.MODALITIES:
             try:
                 report.indices.append(check_index(model, modality, repair=repair))
             except Exception as exc:
@@ -183,13 +177,13 @@ def check_files(report: ReconcileReport, *, dry_run: bool = False) -> None:
     if dry_run:
         report.orphan_files.extend(name for _, name in candidates)
     else:
-        report.orphan_files.extend(ingest.remove_unused_files(candidates))
+        report.orphan_files.extend(curation.remove_unused_files(candidates))
     for asset_id, name in ImageAsset.objects.exclude(error=MISSING_FILE_ERROR).values_list("pk", "file").iterator():
         if not name or not (media / name).is_file():
             report.missing_files.append(asset_id)
     if not dry_run:
-        for asset_id in report.missing_files:
-            _take_out_of_search(asset_id, media)
+        if any([_take_out_of_search(asset_id, media) for asset_id in report.missing_files]):
+            report.to_sync = list(EmbeddingModel.objects.values_list("pk", flat=True))
     index_root = Path(settings.INDEX_DIR)
     referenced = {Path(p).resolve() for p in IndexBuild.objects.values_list("file_path", flat=True)}
     if index_root.is_dir():
@@ -202,20 +196,20 @@ def check_files(report: ReconcileReport, *, dry_run: bool = False) -> None:
         log.warning("%s assets have no image file: %s", len(report.missing_files), report.missing_files[:20])
 
 
-def _take_out_of_search(asset_id: int, media: Path) -> None:
+def _take_out_of_search(asset_id: int, media: Path) -> bool:
     """An asset whose file is gone: failed, with its vectors dropped (under its content lock and
-    row lock, and only if the file is still missing then: an upload may have restored it)."""
+    row lock, and only if the file is still missing then: an upload may have restored it).
+    Whether it was taken out."""
     asset = ImageAsset.objects.filter(pk=asset_id).first()
     if asset is None:
-        return
+        return False
     with transaction.atomic():
         lock_content(asset.sha256)
         if not lock_assets([asset_id]) or (asset.file.name and (media / asset.file.name).is_file()):
-            return
+            return False
         Embedding.objects.filter(Q(asset_id=asset_id) | Q(caption__asset_id=asset_id)).delete()
         ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.FAILED, error=MISSING_FILE_ERROR)
-        for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
-            indexing.schedule_index_sync(model_id)
+    return True
 
 
 def reconcile(*, stuck_after: float | None = None, files: bool = False, dry_run: bool = False) -> ReconcileReport:

@@ -5,19 +5,27 @@ outlived the visibility timeout): a sync of an index already in step writes noth
 and a rebuild that already finished under the same task id is skipped.
 """
 
+from __future__ import annotations
+
 import logging
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
+from django.conf import settings
 from django.core.cache import cache
-from django.db import InterfaceError, OperationalError
+from django.db import InterfaceError, OperationalError, transaction
 
+from embeddings import services
+from embeddings.core.siglip import ModelNotAvailable
 from embeddings.models import EmbeddingModel
-
-from search import indexing
+from search import asset_vectors, index_sync, reconciler
 
 log = logging.getLogger(__name__)
 
+
 TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
+
+
 DONE_TTL = 24 * 3600
 
 
@@ -37,41 +45,165 @@ def _mark_done(task) -> None:
 
 
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
-def sync_indices(model_id: int) -> dict:
-    indexing.clear_sync_pending(model_id)
+def sync_indices_task(model_id: int) -> dict:
+    clear_sync_pending(model_id)
     model = EmbeddingModel.objects.filter(pk=model_id).first()
     if model is None:
         return {}  # the model was deleted after this was queued
-    results = indexing.sync_indices(model)
+    results = index_sync.sync_indices(model)
     return {r.modality: {"added": r.added, "removed": r.removed} for r in results}
 
 
 @shared_task(bind=True, autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
-def rebuild_indices(self, model_id: int) -> dict:
+def rebuild_indices_task(self, model_id: int) -> dict:
     if _already_done(self):
         return {"skipped": "already rebuilt by an earlier delivery"}
     model = EmbeddingModel.objects.filter(pk=model_id).first()
     if model is None:
         return {}
-    results = indexing.sync_indices(model, rebuild=True)
+    results = index_sync.sync_indices(model, rebuild=True)
     _mark_done(self)
     return {r.modality: r.build.vector_count if r.build else 0 for r in results}
 
 
 @shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=3)
-def reconcile(files: bool = False) -> dict:
+def reconcile_task(files: bool = False) -> dict:
     """Periodic (Celery beat): re-queue stuck assets, check every index against Postgres."""
-    from search import reconciler
-
     try:
         if not cache.add("reconcile-running", 1, timeout=15 * 60):
             return {"skipped": "another reconcile is running"}
     except Exception:
         pass  # no Valkey, no lock: running twice is harmless
     try:
-        return reconciler.reconcile(files=files).as_dict()
+        report = reconciler.reconcile(files=files)
+        queue_requeued(report)
+        return report.as_dict()
     finally:
         try:
             cache.delete("reconcile-running")
         except Exception:
             pass
+
+
+# Short enough for the visibility timeout: a task that outlives it would be delivered twice.
+EMBED_TIME_LIMIT = 240
+
+
+def _crashes_before(task, asset_id: int) -> int:
+    """How many earlier deliveries of this task ended with the worker dying.
+
+    Each delivery counts itself; Celery's own retries are not crashes. When Valkey is
+    unreachable nothing is counted (and the task runs).
+    """
+    key = f"embed-deliveries:{task.request.id or asset_id}"
+    try:
+        cache.add(key, 0, timeout=24 * 3600)
+        deliveries = cache.incr(key)
+    except Exception:
+        return 0
+    return max(0, deliveries - 1 - (task.request.retries or 0))
+
+
+def _forget_deliveries(task) -> None:
+    try:
+        cache.delete(f"embed-deliveries:{task.request.id}")
+    except Exception:
+        pass
+
+
+@shared_task(bind=True, autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8,
+             time_limit=EMBED_TIME_LIMIT, soft_time_limit=EMBED_TIME_LIMIT - 30)
+def embed_asset_task(self, asset_id: int) -> int:
+    # The model loads before this delivery is counted: a worker that dies while loading it
+    # (a fresh worker takes seconds) has not died on this image, and must not count against it.
+    try:
+        model = services.active_model()
+        services.encoder_for(model)
+    except ModelNotAvailable as exc:
+        asset_vectors.mark_failed(asset_id, f"{type(exc).__name__}: {exc}")
+        raise
+    crashes = _crashes_before(self, asset_id)
+    if crashes >= settings.EMBED_MAX_CRASHES:
+        log.error("asset %s: the worker stopped %s times while embedding it; marking it failed", asset_id, crashes)
+        asset_vectors.mark_failed(
+            asset_id,
+            f"The worker stopped {crashes} times while embedding this image, so it is no longer tried. "
+            "Use “Embed again” in the admin to retry it.",
+        )
+        _forget_deliveries(self)
+        return 0
+    try:
+        stored = asset_vectors.embed_asset(asset_id, model)
+    except TRANSIENT:
+        raise
+    except SoftTimeLimitExceeded:
+        asset_vectors.mark_failed(asset_id, f"Embedding took longer than {EMBED_TIME_LIMIT - 30} seconds.")
+        _forget_deliveries(self)
+        raise
+    except (ValueError, OSError, ModelNotAvailable) as exc:
+        asset_vectors.mark_failed(asset_id, f"{type(exc).__name__}: {exc}")
+        _forget_deliveries(self)
+        raise
+    _forget_deliveries(self)
+    if stored:
+        schedule_index_sync(model.pk)
+    return stored
+
+
+# --- Queueing: what callers use after a service returned --------------------------
+
+
+def _pending_key(model_id: int) -> str:
+    return f"index-sync-pending:{model_id}"
+
+
+def schedule_index_sync(model_id: int) -> None:
+    """Queue one index sync after commit; a burst of uploads shares a single sync."""
+
+    def enqueue():
+        if cache.add(_pending_key(model_id), 1, timeout=600):
+            sync_indices_task.delay(model_id)
+
+    # robust: with Valkey away the commit still stands; the reconciler repairs the index later.
+    transaction.on_commit(enqueue, robust=True)
+
+
+def schedule_index_syncs() -> None:
+    """An index sync of every model (after rows that all of them index went away)."""
+    for model_id in EmbeddingModel.objects.values_list("pk", flat=True):
+        schedule_index_sync(model_id)
+
+
+def clear_sync_pending(model_id: int) -> None:
+    cache.delete(_pending_key(model_id))
+
+
+def queue_embedding(*asset_ids: int) -> None:
+    """Queue embedding of these assets once the transaction commits.
+
+    ``robust``: when Valkey is down the upload still succeeds; the asset stays
+    pending and the reconciler queues it again later.
+    """
+    for asset_id in asset_ids:
+        transaction.on_commit(lambda asset_id=asset_id: embed_asset_task.delay(asset_id), robust=True)
+
+
+def queue_follow_ups(result) -> None:
+    """Queue what a curation result (``search.curation``) asks for: embedding, index syncs."""
+    queue_embedding(*result.to_embed)
+    if result.changes_indices:
+        schedule_index_syncs()
+
+
+def queue_requeued(report) -> None:
+    """Queue the stuck assets a reconciler report picked; a queue that is down ends it
+    (the next run tries again)."""
+    for asset_id in report.to_requeue:
+        try:
+            embed_asset_task.delay(asset_id)
+        except Exception as exc:
+            report.errors.append(f"could not queue asset {asset_id}: {exc}")
+            break
+        report.requeued.append(asset_id)
+    for model_id in report.to_sync:
+        schedule_index_sync(model_id)

@@ -3,12 +3,12 @@ from django.core.exceptions import ObjectDoesNotExist
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
 
-from embeddings.services import ModelNotAvailable, NoActiveModel
-
+from embeddings.core.siglip import ModelNotAvailable
+from embeddings.services import NoActiveModel
 from search import queries
 from search.api.access import SEARCH_THROTTLES, check_throttles, search_allowed
 from search.forms import ImageSearchForm, TextSearchForm
-from search.ingest import InvalidUpload, read_upload
+from search.validation import InvalidUpload, read_upload
 
 DEFAULT_K = 12
 

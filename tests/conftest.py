@@ -39,9 +39,9 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def forget_the_serving_model():
     """Each test has its own rows: no search starts from a model an earlier test served."""
-    queries = sys.modules.get("search.queries")
-    if queries is not None:
-        queries.serving.forget()
+    serving = sys.modules.get("search.serving")
+    if serving is not None:
+        serving.served_model.forget()
 
 
 @pytest.fixture(scope="session")

@@ -21,9 +21,8 @@ from django.db import connection
 
 from embeddings.models import Embedding
 from embeddings.services import encoder_for
-from search import indexing
+from search import index_sync, serving
 from search.models import Caption, ImageAsset
-
 from tests.conftest import _test_database_url, image_bytes, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -267,32 +266,31 @@ def test_a_caption_edited_while_the_worker_embeds_gets_the_vector_of_its_new_tex
 def test_a_delete_during_an_index_sync_leaves_the_sync_whole_and_the_next_one_without_it(
     tiny_model, staff_user, monkeypatch
 ):
-    from embeddings import services
-    from search import ingest
+    from search import asset_vectors, curation
 
-    assets = [ingest.ingest_image(image_bytes((9, 9, 30 * i)), [f"caption {i}"], queue_embedding=False).asset
+    assets = [curation.ingest_image(image_bytes((9, 9, 30 * i)), [f"caption {i}"]).asset
               for i in range(1, 5)]
     for asset in assets:
-        services.embed_asset(asset.pk, tiny_model)
+        asset_vectors.embed_asset(asset.pk, tiny_model)
     ids_read, go_on = threading.Event(), threading.Event()
-    real_vectors = indexing.current_vectors
+    real_vectors = index_sync.current_vectors
 
     def vectors_after_the_delete(model, modality, ids):
         ids_read.set()  # the sync has read which rows to add; the delete lands before their vectors
         assert go_on.wait(30)
         return real_vectors(model, modality, ids)
 
-    monkeypatch.setattr(indexing, "current_vectors", vectors_after_the_delete)
-    sync = in_background(lambda: indexing.sync_indices(tiny_model))
+    monkeypatch.setattr(index_sync, "current_vectors", vectors_after_the_delete)
+    sync = in_background(lambda: index_sync.sync_indices(tiny_model))
     assert ids_read.wait(30)
     answer = staff_api(staff_user).delete(f"/api/assets/{assets[0].pk}/")
     go_on.set()
     results = sync.result()
     assert answer.status_code == 204
     assert not isinstance(results, BaseException), results
-    monkeypatch.setattr(indexing, "current_vectors", real_vectors)
-    indexing.sync_indices(tiny_model)
-    served = indexing.LoadedIndices()
+    monkeypatch.setattr(index_sync, "current_vectors", real_vectors)
+    index_sync.sync_indices(tiny_model)
+    served = serving.LoadedIndices()
     assert set(served.get(tiny_model, "image").ids().tolist()) == {a.pk for a in assets[1:]}
     live_captions = set(Caption.objects.values_list("pk", flat=True))
     assert set(served.get(tiny_model, "caption").ids().tolist()) == live_captions
@@ -304,9 +302,9 @@ def test_an_admin_edit_saves_only_what_it_edits_not_a_status_read_before_the_wor
 ):
     curator = django_user_model.objects.create_superuser("admin-saver", "s@example.com", "pw-saver")
     client.force_login(curator)
-    from search import ingest
+    from search import curation
 
-    asset = ingest.ingest_image(image_bytes((90, 20, 160)), ["a purple square"], queue_embedding=False).asset
+    asset = curation.ingest_image(image_bytes((90, 20, 160)), ["a purple square"]).asset
     caption = Caption.objects.get(asset=asset)
     form = {
         "collection": "renamed", "captions-TOTAL_FORMS": "1", "captions-INITIAL_FORMS": "1",

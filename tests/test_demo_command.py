@@ -11,13 +11,14 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def small_demo(monkeypatch, tiny_checkpoint, settings, tmp_path, clean_state):
-    from embeddings.core import training
+    from embeddings import services
+    from embeddings.core import synthetic
     from evaluation.management.commands import demo
 
     settings.MEDIA_ROOT, settings.INDEX_DIR = tmp_path / "media", tmp_path / "indices"
     settings.STATE_DIR = tmp_path
-    monkeypatch.setattr(demo, "DEMO_MODEL_DIR", tiny_checkpoint)
-    monkeypatch.setattr(training, "DEMO_DATA", dict(training.DEMO_DATA, n_val=4, n_test=12))
+    monkeypatch.setattr(services, "DEMO_MODEL_DIR", tiny_checkpoint)
+    monkeypatch.setattr(synthetic, "DEMO_DATA", dict(synthetic.DEMO_DATA, n_val=4, n_test=12))
     return demo
 
 

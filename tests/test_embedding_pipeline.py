@@ -10,10 +10,9 @@ import pytest
 from django.core.files.base import ContentFile
 
 from embeddings.models import Embedding
-from embeddings.pipeline import embed_assets_bulk
-from embeddings.services import embed_asset
+from search.asset_vectors import embed_asset
+from search.bulk_embedding import embed_assets_bulk
 from search.models import Caption, ImageAsset, IndexBuild
-
 from tests.conftest import image_bytes
 
 COLOURS = [(220, 20, 20), (20, 20, 220), (20, 180, 20), (200, 200, 20), (120, 40, 160), (10, 10, 10)]
@@ -169,9 +168,8 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():
 
     from PIL import Image
 
-    from embeddings.pipeline import _resized_uint8
+    from embeddings.core.batches import resized_uint8
     from embeddings.core.siglip import ImagePreprocessor
-
     from tests.conftest import image_bytes as png_bytes
 
     preprocessor = ImagePreprocessor()  # 224 x 224: a 640 x 480 JPEG is decoded at 320 x 240
@@ -181,21 +179,21 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():
     Image.fromarray(field, "RGB").resize((640, 480), Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
     jpeg = buffer.getvalue()
 
-    exact = _resized_uint8(preprocessor, jpeg)
-    draft = _resized_uint8(preprocessor, jpeg, draft=True)
+    exact = resized_uint8(preprocessor, jpeg)
+    draft = resized_uint8(preprocessor, jpeg, draft=True)
     assert draft.shape == exact.shape == (3, 224, 224) and draft.dtype == np.uint8
     difference = np.abs(draft.astype(int) - exact.astype(int))
     assert 0 < difference.mean() < 3, difference.mean()
     # not a JPEG: nothing to draft, the exact pixels
     png = png_bytes((10, 200, 30), size=(80, 60))
-    assert np.array_equal(_resized_uint8(preprocessor, png, draft=True), _resized_uint8(preprocessor, png))
+    assert np.array_equal(resized_uint8(preprocessor, png, draft=True), resized_uint8(preprocessor, png))
 
 
 @pytest.mark.django_db
 def test_copied_vectors_land_once_and_a_stored_vector_is_kept(tiny_model, assets):
     from django.db import transaction
 
-    from embeddings.pipeline import insert_vectors
+    from search.bulk_embedding import insert_vectors
 
     first = np.arange(tiny_model.dimension, dtype="<f4")
     second = -first

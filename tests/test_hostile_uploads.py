@@ -17,9 +17,8 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from embeddings.models import Embedding
-from search import ingest
+from search import curation, tasks, validation
 from search.models import Caption, ImageAsset
-
 from tests.conftest import ROOT, image_bytes, wait_for
 from tests.faults import images
 
@@ -137,13 +136,13 @@ def test_files_over_the_size_cap_are_refused_unread(way, ways, tiny_model, isola
 
 def test_the_upload_handler_keeps_no_bytes_beyond_the_cap(settings):
     settings.UPLOAD_MAX_BYTES = 1000
-    handler = ingest.UploadLimitHandler()
+    handler = validation.UploadLimitHandler()
     handler.new_file("image", "big.png", "image/png", 5000)
     passed = [handler.receive_data_chunk(b"x" * 400, i * 400) for i in range(5)]
     assert [p is not None for p in passed] == [True, True, False, False, False]
     oversized = handler.file_complete(2000)
     assert oversized.size == 2000 and oversized.name == "big.png"
-    with pytest.raises(ingest.InvalidUpload, match="2,000 bytes; the limit is 1,000"):
+    with pytest.raises(validation.InvalidUpload, match="2,000 bytes; the limit is 1,000"):
         oversized.read()
 
 
@@ -242,9 +241,9 @@ def test_bad_captions_are_refused_and_nothing_is_stored(staff_client, make_image
 
 
 def test_captions_that_are_not_valid_unicode_are_refused():
-    with pytest.raises(ingest.InvalidUpload, match="not valid Unicode"):
-        ingest.clean_captions(["\ud800 lone surrogate"])
-    assert ingest.clean_captions(["  tab\tand\nnewline kept\x07 "]) == ["tab\tand\nnewline kept"]
+    with pytest.raises(validation.InvalidUpload, match="not valid Unicode"):
+        validation.clean_captions(["\ud800 lone surrogate"])
+    assert validation.clean_captions(["  tab\tand\nnewline kept\x07 "]) == ["tab\tand\nnewline kept"]
 
 
 @pytest.mark.parametrize("query", [
@@ -302,7 +301,7 @@ def test_decompression_bombs_are_refused_fast_and_without_decoding(tmp_path):
     script.write_text(
         "import json, resource, time, django\n"
         "django.setup()\n"
-        "from search.ingest import inspect_image, InvalidUpload\n"
+        "from search.validation import inspect_image, InvalidUpload\n"
         "from tests.faults import images\n"
         "bombs = [images.png_bomb(), images.gif_bomb(), images.jpeg_bomb(), images.webp_bomb(),\n"
         "         images.tiff_bomb(), images.bmp_bomb(), images.text_chunk_bomb()]\n"
@@ -351,11 +350,11 @@ def test_odd_images_are_embedded_and_hostile_files_leave_the_worker_alive(
     # with the reason, and carries on.
     spoiled = {}
     for i, (name, data, reason) in enumerate(hostile()[1:8]):
-        asset = ingest.ingest_image(image_bytes((i, 77, 7)), [f"spoiled {i}"], queue_embedding=False).asset
+        asset = curation.ingest_image(image_bytes((i, 77, 7)), [f"spoiled {i}"]).asset
         with open(asset.file.path, "wb") as handle:
             handle.write(data)
         spoiled[asset.pk] = name
-        ingest.queue_embed(asset.pk)  # outside a transaction: queued at once
+        tasks.queue_embedding(asset.pk)  # outside a transaction: queued at once
 
     odd = {upload_ok(staff_client, name, data, [f"odd picture {name}"]): name for name, data in odd_valid()}
     upright = {upload_ok(staff_client, name, data): name for name, data in images.orientation_set()}

@@ -5,12 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embeddings import services
-from search import indexing
-from search.indexing import LoadedIndices
-from search.ingest import ingest_image
+from search import asset_vectors, index_sync
+from search.curation import ingest_image
 from search.models import IndexBuild
-
+from search.serving import LoadedIndices
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
@@ -24,19 +22,19 @@ def isolated(settings, tmp_path):
 
 
 def add_asset(model, colour, captions=("x",)):
-    asset = ingest_image(image_bytes(colour), list(captions), queue_embedding=False).asset
-    services.embed_asset(asset.pk, model)
+    asset = ingest_image(image_bytes(colour), list(captions)).asset
+    asset_vectors.embed_asset(asset.pk, model)
     return asset
 
 
 def test_each_change_writes_a_new_version_and_an_unchanged_sync_writes_none(tiny_model, isolated):
     add_asset(tiny_model, (1, 1, 1))
-    first = indexing.sync_index(tiny_model, "image")
+    first = index_sync.sync_index(tiny_model, "image")
     assert (first.added, first.build.version, first.build.vector_count) == (1, 1, 1)
-    again = indexing.sync_index(tiny_model, "image")
+    again = index_sync.sync_index(tiny_model, "image")
     assert again.added == 0 and again.build.version == 1
     add_asset(tiny_model, (2, 2, 2))
-    second = indexing.sync_index(tiny_model, "image")
+    second = index_sync.sync_index(tiny_model, "image")
     assert (second.added, second.build.version, second.build.vector_count) == (1, 2, 2)
     assert Path(first.build.file_path).exists() and Path(second.build.file_path).exists()
 
@@ -44,18 +42,18 @@ def test_each_change_writes_a_new_version_and_an_unchanged_sync_writes_none(tiny
 def test_a_web_process_swaps_in_a_newer_version_without_restart(tiny_model, isolated):
     cache = LoadedIndices()
     a = add_asset(tiny_model, (10, 10, 10))
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     assert cache.get(tiny_model, "image").ids().tolist() == [a.pk]
     b = add_asset(tiny_model, (20, 20, 20))
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     assert sorted(cache.get(tiny_model, "image").ids().tolist()) == sorted([a.pk, b.pk])
 
 
 def test_a_torn_latest_file_falls_back_to_the_last_good_version(tiny_model, isolated):
     a = add_asset(tiny_model, (30, 30, 30))
-    good = indexing.sync_index(tiny_model, "image").build
+    good = index_sync.sync_index(tiny_model, "image").build
     add_asset(tiny_model, (40, 40, 40))
-    newest = indexing.sync_index(tiny_model, "image").build
+    newest = index_sync.sync_index(tiny_model, "image").build
     data = Path(newest.file_path).read_bytes()
     Path(newest.file_path).write_bytes(data[: len(data) // 2])  # a torn write
     index = LoadedIndices().get(tiny_model, "image")
@@ -63,7 +61,7 @@ def test_a_torn_latest_file_falls_back_to_the_last_good_version(tiny_model, isol
     newest.refresh_from_db()
     assert newest.status == IndexBuild.Status.FAILED and good.version < newest.version
     # The next sync repairs it from Postgres.
-    repaired = indexing.sync_index(tiny_model, "image").build
+    repaired = index_sync.sync_index(tiny_model, "image").build
     assert repaired.vector_count == 2 and repaired.version > newest.version
 
 
@@ -71,17 +69,17 @@ def test_old_versions_are_pruned(tiny_model, isolated):
     paths = []
     for shade in range(5):
         add_asset(tiny_model, (shade * 40, 5, 5))
-        paths.append(Path(indexing.sync_index(tiny_model, "image").build.file_path))
+        paths.append(Path(index_sync.sync_index(tiny_model, "image").build.file_path))
     assert IndexBuild.objects.filter(model=tiny_model, modality="image").count() == 3
     assert [p.exists() for p in paths] == [False, False, True, True, True]
 
 
 def test_rebuild_gives_the_same_vectors_as_stored(tiny_model, isolated):
     assets = [add_asset(tiny_model, (i * 50, 0, 0), [f"caption {i}"]) for i in range(3)]
-    results = indexing.sync_indices(tiny_model, rebuild=True)
+    results = index_sync.sync_indices(tiny_model, rebuild=True)
     assert [r.build.vector_count for r in results] == [3, 3]
     index = LoadedIndices().get(tiny_model, "image")
-    stored = indexing.stored_vectors(tiny_model, "image", [a.pk for a in assets])
+    stored = index_sync.stored_vectors(tiny_model, "image", [a.pk for a in assets])
     ids, scores = index.search(stored, 1)
     assert ids[:, 0].tolist() == [a.pk for a in assets]
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
@@ -94,9 +92,9 @@ def test_rebuild_gives_the_same_vectors_as_stored(tiny_model, isolated):
 def test_the_configured_backend_and_its_parameters_serve_searches(tiny_model, isolated, settings, backend, params):
     settings.VECTOR_INDEX_BACKEND, settings.VECTOR_INDEX_PARAMS = backend, params
     assets = [add_asset(tiny_model, (i * 60, 20, 20), [f"caption {i}"]) for i in range(3)]
-    build = indexing.sync_index(tiny_model, "image", rebuild=True).build
+    build = index_sync.sync_index(tiny_model, "image", rebuild=True).build
     assert build.backend == backend and build.params["ef_search"] == params["ef_search"]
     index = LoadedIndices().get(tiny_model, "image")
-    stored = indexing.stored_vectors(tiny_model, "image", [a.pk for a in assets])
+    stored = index_sync.stored_vectors(tiny_model, "image", [a.pk for a in assets])
     ids, _ = index.search(stored, 1)
     assert ids[:, 0].tolist() == [a.pk for a in assets]

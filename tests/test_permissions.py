@@ -19,9 +19,8 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
-from search.ingest import ingest_image
+from search.curation import ingest_image
 from search.models import ImageAsset
-
 from tests.conftest import ROOT, image_bytes
 
 pytestmark = pytest.mark.django_db
@@ -69,7 +68,7 @@ def fill(path: str, asset_id: int) -> str:
 
 
 def new_asset() -> int:
-    return ingest_image(image_bytes((9, 9, ImageAsset.objects.count() % 250)), ["perm"], queue_embedding=False).asset.pk
+    return ingest_image(image_bytes((9, 9, ImageAsset.objects.count() % 250)), ["perm"]).asset.pk
 
 
 def test_every_api_write_needs_a_staff_account(users, tiny_model, settings):

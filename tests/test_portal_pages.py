@@ -3,10 +3,8 @@
 import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
-from embeddings import services
-from search import indexing
-from search.ingest import ingest_image
-
+from search import asset_vectors, index_sync
+from search.curation import ingest_image
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
@@ -18,10 +16,10 @@ def indexed_assets(tiny_model, settings, tmp_path):
     settings.INDEX_DIR = tmp_path / "indices"
     assets = []
     for colour, captions in [((250, 0, 0), ["a red square"]), ((0, 0, 250), ["a blue square", "blue"])]:
-        asset = ingest_image(image_bytes(colour), captions, queue_embedding=False).asset
-        services.embed_asset(asset.pk, tiny_model)
+        asset = ingest_image(image_bytes(colour), captions).asset
+        asset_vectors.embed_asset(asset.pk, tiny_model)
         assets.append(asset)
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     return assets
 
 

@@ -1,4 +1,4 @@
-"""The text-query embedding cache (search.querycache) and its use by text search."""
+"""The text-query embedding cache (search.serving) and its use by text search."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from embeddings.services import encoder_for
-from search import querycache, queries
-from search.querycache import HIT_LOCAL, HIT_SHARED, MISS, QueryEmbeddingCache, cache_key
+from search import queries, serving
+from search.core.lru import LRU
+from search.serving import HIT_LOCAL, HIT_SHARED, MISS, QueryEmbeddingCache, cache_key
 
 
 @pytest.fixture
@@ -20,9 +21,9 @@ def encoder(tiny_model):
 
 @pytest.fixture(autouse=True)
 def empty_local_cache():
-    querycache.query_cache.clear()
+    serving.query_cache.clear()
     yield
-    querycache.query_cache.clear()
+    serving.query_cache.clear()
 
 
 def count_encodes(monkeypatch, encoder) -> list:
@@ -47,7 +48,7 @@ def test_miss_then_local_hit_then_shared_hit(tiny_model, encoder, monkeypatch):
     again, where = first.text_embedding(tiny_model, encoder, "a red square")
     assert where == HIT_LOCAL and calls == []
     np.testing.assert_array_equal(again, vector)
-    querycache.write_behind.flush()  # the shared level is written in the background
+    serving.write_behind.flush()  # the shared level is written in the background
     # Another process (an empty local level) finds it in Redis.
     other, where = QueryEmbeddingCache().text_embedding(tiny_model, encoder, "a red square")
     assert where == HIT_SHARED and calls == []
@@ -59,11 +60,11 @@ def test_the_shared_level_is_off_for_an_encoder_on_cuda_unless_asked_for(tiny_ch
     from embeddings.core.siglip import SiglipEncoder
 
     cpu, cuda = (SiglipEncoder(str(tiny_checkpoint), device=device) for device in ("cpu", "cuda"))
-    assert querycache.shared_level(cpu) and not querycache.shared_level(cuda)
+    assert serving.shared_level(cpu) and not serving.shared_level(cuda)
     settings.SEARCH_QUERY_CACHE_SHARED = "on"
-    assert querycache.shared_level(cuda)
+    assert serving.shared_level(cuda)
     settings.SEARCH_QUERY_CACHE_SHARED = "off"
-    assert not querycache.shared_level(cpu)
+    assert not serving.shared_level(cpu)
 
 
 def test_without_the_shared_level_nothing_goes_to_redis(tiny_model, encoder, settings, monkeypatch):
@@ -74,7 +75,7 @@ def test_without_the_shared_level_nothing_goes_to_redis(tiny_model, encoder, set
     key = cache_key(tiny_model, encoder, encoder.token_ids(["a quiet harbour"]))
     cache.delete(key)
     assert QueryEmbeddingCache().text_embedding(tiny_model, encoder, "a quiet harbour")[1] == MISS
-    querycache.write_behind.flush()
+    serving.write_behind.flush()
     assert cache.get(key) is None
     # Another process encodes it again.
     assert QueryEmbeddingCache().text_embedding(tiny_model, encoder, "a quiet harbour")[1] == MISS
@@ -85,7 +86,7 @@ def test_the_key_is_the_text_as_the_tokenizer_sees_it(tiny_model, encoder):
     key = lambda text: cache_key(tiny_model, encoder, encoder.token_ids([text]))  # noqa: E731
     assert key("a red square") == key("  A red   square! ")
     assert key("a red square") != key("a blue square")
-    assert key("a red square").startswith(f"{querycache.KEY_PREFIX}:{tiny_model.pk}:")
+    assert key("a red square").startswith(f"{serving.KEY_PREFIX}:{tiny_model.pk}:")
 
 
 def test_the_key_depends_on_model_and_backend(tiny_model, encoder):
@@ -117,7 +118,7 @@ def test_size_zero_turns_the_local_level_off(tiny_model, encoder, settings):
     cache = QueryEmbeddingCache()
     cache.text_embedding(tiny_model, encoder, "a red square")
     assert len(cache) == 0
-    querycache.write_behind.flush()
+    serving.write_behind.flush()
     assert cache.text_embedding(tiny_model, encoder, "a red square")[1] == HIT_SHARED
 
 
@@ -166,13 +167,13 @@ def test_search_api_reports_server_timing(tiny_model, api_client):
 
 
 def test_lru_keeps_the_most_recently_used_within_its_size():
-    lru = querycache.LRU(2)
-    lru.put("a", 1)
-    lru.put("b", 2)
-    assert lru.get("a") == 1  # "a" is now the most recent
-    lru.put("c", 3)
-    assert (lru.get("a"), lru.get("b"), lru.get("c"), len(lru)) == (1, None, 3, 2)
-    off = querycache.LRU(lambda: 0)
+    cache = LRU(2)
+    cache.put("a", 1)
+    cache.put("b", 2)
+    assert cache.get("a") == 1  # "a" is now the most recent
+    cache.put("c", 3)
+    assert (cache.get("a"), cache.get("b"), cache.get("c"), len(cache)) == (1, None, 3, 2)
+    off = LRU(lambda: 0)
     off.put("a", 1)
     assert off.get("a") is None and len(off) == 0
 
@@ -180,12 +181,12 @@ def test_lru_keeps_the_most_recently_used_within_its_size():
 def test_shared_writes_land_in_the_background_and_a_full_queue_drops_them(clean_state):
     from django.core.cache import cache
 
-    writes = querycache.WriteBehind(capacity=1)
+    writes = serving.WriteBehind(capacity=1)
     writes.set("write-behind-test", b"stored", 60)
     writes.flush()
     assert cache.get("write-behind-test") == b"stored"
     # A queue that cannot take more drops the write instead of holding up the search.
-    stuck = querycache.WriteBehind(capacity=1)
+    stuck = serving.WriteBehind(capacity=1)
     stuck._pid, stuck._queue = os.getpid(), queue.Queue(maxsize=1)  # started, no thread draining it
     stuck.set("write-behind-a", b"1", 60)
     stuck.set("write-behind-b", b"2", 60)  # dropped, without waiting

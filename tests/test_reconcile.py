@@ -19,10 +19,9 @@ from django.utils import timezone
 
 from embeddings import services
 from embeddings.models import Embedding
-from search import indexing, reconciler
-from search.ingest import ingest_image
+from search import asset_vectors, index_sync, reconciler, serving, tasks
+from search.curation import ingest_image
 from search.models import Caption, ImageAsset, IndexBuild
-
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.django_db
@@ -34,20 +33,27 @@ def isolated(settings, tmp_path):
     settings.INDEX_DIR = tmp_path / "indices"
 
 
+def reconcile(**options):
+    """A reconciler run as its task and command make it: the report, then its follow-ups queued."""
+    report = reconciler.reconcile(**options)
+    tasks.queue_requeued(report)
+    return report
+
+
 def add(colour, captions=("a caption",), embed=True, model=None):
-    asset = ingest_image(image_bytes(colour), list(captions), queue_embedding=False).asset
+    asset = ingest_image(image_bytes(colour), list(captions)).asset
     if embed:
-        services.embed_asset(asset.pk, model)
+        asset_vectors.embed_asset(asset.pk, model)
     return asset
 
 
 def served_ids(model, modality):
-    index = indexing.LoadedIndices().get(model, modality)
+    index = serving.LoadedIndices().get(model, modality)
     return set(index.ids().tolist()) if index is not None else set()
 
 
 def stored(model, modality):
-    return set(indexing.stored_ids(model, modality).tolist())
+    return set(index_sync.stored_ids(model, modality).tolist())
 
 
 def queued_embeds() -> list[int]:
@@ -60,7 +66,7 @@ def queued_embeds() -> list[int]:
     ids = []
     for raw in redis.Redis.from_url(settings.CELERY_BROKER_URL).lrange("celery", 0, -1):
         message = json.loads(raw)
-        if message["headers"]["task"] == "embeddings.tasks.embed_asset":
+        if message["headers"]["task"] == "search.tasks.embed_asset_task":
             args = json.loads(base64.b64decode(message["body"]))[0]
             ids.append(args[0])
     return ids
@@ -68,14 +74,14 @@ def queued_embeds() -> list[int]:
 
 def test_assets_whose_task_was_lost_are_requeued_then_embedded(tiny_model, isolated):
     lost = [add((i * 60, 9, 9), [f"lost {i}"], embed=False) for i in range(3)]  # no task was ever queued
-    report = reconciler.reconcile(stuck_after=0)
+    report = reconcile(stuck_after=0)
     assert sorted(report.requeued) == sorted(a.pk for a in lost)
     assert set(report.requeued) <= set(queued_embeds())  # in the broker, for any worker to take
     for asset in lost:  # what the worker does with them (a real one: tests/test_faults.py)
-        services.embed_asset(asset.pk)
-    indexing.sync_indices(tiny_model)
+        asset_vectors.embed_asset(asset.pk)
+    index_sync.sync_indices(tiny_model)
     assert not ImageAsset.objects.filter(status="pending").exists()
-    assert reconciler.reconcile(stuck_after=0).clean
+    assert reconcile(stuck_after=0).clean
 
 
 def test_a_stuck_asset_is_requeued_once_per_window(tiny_model, isolated):
@@ -83,41 +89,41 @@ def test_a_stuck_asset_is_requeued_once_per_window(tiny_model, isolated):
     young = add((6, 6, 6), embed=False)
     cache.delete(f"reconcile-requeued:{asset.pk}")
     ImageAsset.objects.filter(pk=asset.pk).update(created=timezone.now() - timedelta(hours=1))
-    first = reconciler.reconcile(stuck_after=600)
+    first = reconcile(stuck_after=600)
     assert first.requeued == [asset.pk]  # the young one is not stuck yet
-    second = reconciler.reconcile(stuck_after=600)
+    second = reconcile(stuck_after=600)
     assert second.stuck == 1 and second.requeued == []
     assert young.pk not in first.requeued + second.requeued
 
 
 def test_index_drift_is_found_and_repaired(tiny_model, isolated):
     assets = [add((i * 40, 20, 20), [f"drift {i}"]) for i in range(4)]
-    indexing.sync_indices(tiny_model)
-    assert reconciler.reconcile(stuck_after=0).clean
+    index_sync.sync_indices(tiny_model)
+    assert reconcile(stuck_after=0).clean
     # Vectors the index never saw, and index rows whose vectors are gone.
     extra = add((250, 250, 1), ["unsynced"])
     Embedding.objects.filter(asset=assets[0]).delete()
-    dry = reconciler.reconcile(dry_run=True)
+    dry = reconcile(dry_run=True)
     image = next(c for c in dry.indices if c.modality == "image")
     assert (image.missing, image.extra, image.repaired) == (1, 1, False)
     assert not dry.clean
-    fixed = reconciler.reconcile()
+    fixed = reconcile()
     assert all(c.repaired for c in fixed.indices if c.modality == "image")
     assert served_ids(tiny_model, "image") == stored(tiny_model, "image")
     assert extra.pk in served_ids(tiny_model, "image") and assets[0].pk not in served_ids(tiny_model, "image")
-    assert reconciler.reconcile().clean
+    assert reconcile().clean
 
 
 def test_a_missing_or_torn_newest_index_file_is_repaired(tiny_model, isolated):
     for i in range(3):
         add((i * 70, 90, 9), [f"file {i}"])
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     add((1, 200, 200), ["newer"])
-    newest = indexing.sync_index(tiny_model, "image").build
+    newest = index_sync.sync_index(tiny_model, "image").build
     Path(newest.file_path).write_bytes(Path(newest.file_path).read_bytes()[:100])  # torn
     caption = IndexBuild.objects.filter(model=tiny_model, modality="caption", status="ready").latest("version")
     Path(caption.file_path).unlink()  # lost
-    report = reconciler.reconcile()
+    report = reconcile()
     assert {c.modality for c in report.indices if c.repaired} == {"image", "caption"}
     assert served_ids(tiny_model, "image") == stored(tiny_model, "image")
     assert served_ids(tiny_model, "caption") == stored(tiny_model, "caption")
@@ -127,7 +133,7 @@ def test_a_missing_or_torn_newest_index_file_is_repaired(tiny_model, isolated):
 
 def test_orphan_files_are_removed_after_a_grace_period_and_missing_files_reported(tiny_model, isolated, settings):
     kept = add((3, 3, 3))
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     media = Path(settings.MEDIA_ROOT)
     old_orphan = media / "images" / "ab" / ("ab" + "0" * 62 + ".png")
     new_orphan = media / "images" / "cd" / ("cd" + "0" * 62 + ".png")
@@ -140,9 +146,9 @@ def test_orphan_files_are_removed_after_a_grace_period_and_missing_files_reporte
     os.utime(index_orphan, (an_hour_ago, an_hour_ago))
     missing = add((4, 4, 4))
     Path(missing.file.path).unlink()
-    dry = reconciler.reconcile(files=True, dry_run=True)
+    dry = reconcile(files=True, dry_run=True)
     assert old_orphan.exists() and dry.orphan_files == [old_orphan.relative_to(media).as_posix()]
-    report = reconciler.reconcile(files=True)
+    report = reconcile(files=True)
     assert not old_orphan.exists() and new_orphan.exists() and not index_orphan.exists()
     assert report.missing_files == [missing.pk]
     assert Path(kept.file.path).exists()
@@ -164,7 +170,7 @@ def test_the_reconciler_runs_on_celery_beat(settings):
     from portal.celery import app
 
     entry = settings.CELERY_BEAT_SCHEDULE["reconcile"]
-    assert entry["task"] == "search.tasks.reconcile" and entry["task"] in app.tasks
+    assert entry["task"] == "search.tasks.reconcile_task" and entry["task"] in app.tasks
     assert 0 < entry["schedule"] <= 3600 and entry["options"]["expires"] <= entry["schedule"]
 
 
@@ -172,7 +178,7 @@ def test_a_deleted_image_leaves_every_search_at_once(tiny_model, isolated, staff
                                                     django_capture_on_commit_callbacks):
     keep = add((200, 10, 10), ["a red square", "a crimson block"])
     gone = add((10, 10, 200), ["a blue circle", "the blue one"])
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     gone_captions = set(Caption.objects.filter(asset=gone).values_list("pk", flat=True))
     with django_capture_on_commit_callbacks(execute=True):  # the file goes once the delete has committed
         assert staff_client.delete(f"/api/assets/{gone.pk}/").status_code == 204
@@ -200,26 +206,26 @@ def test_deleting_keeps_a_file_that_a_new_upload_of_the_same_bytes_uses(tiny_mod
                                                                         django_capture_on_commit_callbacks):
     """Files are named by content: if the same bytes are uploaded again while a delete is under
     way, the delete must not remove the file the new row points at."""
-    from search import ingest
+    from search import curation
 
     first = add((77, 77, 77), embed=False)
-    real = indexing.schedule_index_sync
+    real = curation.remove_unused_files
     again = {}
 
-    def upload_meanwhile(model_id):  # runs inside the delete's transaction, after the row went
-        real(model_id)
+    def upload_meanwhile(files):  # runs after the delete committed, before its files go
         if not again:
             again["asset"] = ImageAsset.objects.create(
                 sha256=first.sha256, file=first.file.name, width=1, height=1, format="PNG")
+        return real(files)
 
-    monkeypatch.setattr(indexing, "schedule_index_sync", upload_meanwhile)
+    monkeypatch.setattr(curation, "remove_unused_files", upload_meanwhile)
     with django_capture_on_commit_callbacks(execute=True):
-        ingest.delete_assets(ImageAsset.objects.filter(pk=first.pk))
+        curation.delete_assets(ImageAsset.objects.filter(pk=first.pk))
     assert not ImageAsset.objects.filter(pk=first.pk).exists()
     assert Path(again["asset"].file.path).exists()
     monkeypatch.undo()
     with django_capture_on_commit_callbacks(execute=True):
-        ingest.delete_assets(ImageAsset.objects.filter(pk=again["asset"].pk))
+        curation.delete_assets(ImageAsset.objects.filter(pk=again["asset"].pk))
     assert not Path(first.file.path).exists()
 
 
@@ -233,7 +239,7 @@ def test_concurrent_rebuilds_wait_for_each_other(tiny_model, isolated):
         from django.db import connection
 
         try:
-            results.append(indexing.sync_index(tiny_model, "image", rebuild=True).build.version)
+            results.append(index_sync.sync_index(tiny_model, "image", rebuild=True).build.version)
         except Exception as exc:
             errors.append(exc)
         finally:
@@ -249,42 +255,42 @@ def test_concurrent_rebuilds_wait_for_each_other(tiny_model, isolated):
     builds = IndexBuild.objects.filter(model=tiny_model, modality="image", status="ready")
     assert sorted(builds.values_list("vector_count", flat=True)) == [5, 5, 5]
     assert served_ids(tiny_model, "image") == stored(tiny_model, "image")
-    assert not list(Path(indexing._index_dir(tiny_model, "image")).glob(".*.tmp"))
+    assert not list(Path(index_sync.index_dir(tiny_model, "image")).glob(".*.tmp"))
 
 
 def test_embedding_twice_stores_one_vector_each(tiny_model, isolated):
     asset = add((1, 2, 3), ["one", "two"], embed=False)
-    assert services.embed_asset(asset.pk) == 3
-    assert services.embed_asset(asset.pk) == 0
+    assert asset_vectors.embed_asset(asset.pk) == 3
+    assert asset_vectors.embed_asset(asset.pk) == 0
     assert Embedding.objects.filter(model=tiny_model, asset=asset).count() == 1
     assert Embedding.objects.filter(model=tiny_model, caption__asset=asset).count() == 2
 
 
 def test_a_permanent_failure_marks_the_asset_failed_with_its_reason(tiny_model, isolated):
-    from embeddings.tasks import embed_asset
+    from search.tasks import embed_asset_task
 
     asset = add((9, 8, 7), embed=False)
     Path(asset.file.path).unlink()
-    result = embed_asset.apply(args=[asset.pk])
+    result = embed_asset_task.apply(args=[asset.pk])
     assert result.failed()
     asset.refresh_from_db()
     assert asset.status == "failed" and "FileNotFoundError" in asset.error
 
 
 def test_an_image_that_keeps_killing_the_worker_is_given_up(tiny_model, isolated, settings):
-    from embeddings.tasks import embed_asset
+    from search.tasks import embed_asset_task
 
     asset = add((19, 18, 17), embed=False)
     task_id = f"poison-{asset.pk}"
     # Five earlier deliveries of this task began and never finished (the worker died each time).
     cache.set(f"embed-deliveries:{task_id}", settings.EMBED_MAX_CRASHES, timeout=60)
-    assert embed_asset.apply(args=[asset.pk], task_id=task_id).get() == 0
+    assert embed_asset_task.apply(args=[asset.pk], task_id=task_id).get() == 0
     asset.refresh_from_db()
     assert asset.status == "failed" and "stopped 5 times" in asset.error
     # A delivery after a single crash still embeds.
     other = add((29, 28, 27), embed=False)
     cache.set(f"embed-deliveries:again-{other.pk}", 1, timeout=60)
-    assert embed_asset.apply(args=[other.pk], task_id=f"again-{other.pk}").get() == 2
+    assert embed_asset_task.apply(args=[other.pk], task_id=f"again-{other.pk}").get() == 2
     other.refresh_from_db()
     assert other.status == "embedded"
     assert cache.get(f"embed-deliveries:again-{other.pk}") is None
@@ -308,12 +314,12 @@ def test_captions_added_while_embedding_keep_the_asset_pending(tiny_model, isola
 
     services.encoder_for = lambda model: CaptionArrivesMeanwhile(real(model))
     try:
-        services.embed_asset(asset.pk)
+        asset_vectors.embed_asset(asset.pk)
     finally:
         services.encoder_for = real
     asset.refresh_from_db()
     assert asset.status == "pending"  # "second" has no vector yet; its own task will do it
-    services.embed_asset(asset.pk)
+    asset_vectors.embed_asset(asset.pk)
     asset.refresh_from_db()
     assert asset.status == "embedded"
     assert np.isfinite(Embedding.objects.get(caption__text="second").array).all()
@@ -328,13 +334,13 @@ def test_a_file_left_by_an_interrupted_upload_is_reused_only_when_it_holds_the_s
     leftover = Path(settings.MEDIA_ROOT) / name
     leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(data[:-7])  # torn by a crash mid-write: not trusted
-    torn = ingest_image(data, queue_embedding=False).asset
+    torn = ingest_image(data).asset
     # Replaced under the content lock: the name stays the hash's, the bytes are the upload's.
     assert torn.file.name == name and Path(torn.file.path).read_bytes() == data
     assert [p.name for p in leftover.parent.iterdir()] == [leftover.name]
     ImageAsset.objects.filter(pk=torn.pk).delete()
     leftover.write_bytes(data)  # complete: the same content under its content-derived name
-    whole = ingest_image(data, queue_embedding=False).asset
+    whole = ingest_image(data).asset
     assert whole.file.name == name
 
 
@@ -342,26 +348,27 @@ def test_an_asset_whose_file_is_lost_leaves_search_and_an_upload_of_the_same_byt
     tiny_model, isolated, django_capture_on_commit_callbacks
 ):
     data = image_bytes((5, 150, 5))
-    lost = ingest_image(data, ["a green square"], queue_embedding=False).asset
-    services.embed_asset(lost.pk, tiny_model)
-    indexing.sync_indices(tiny_model)
+    lost = ingest_image(data, ["a green square"]).asset
+    asset_vectors.embed_asset(lost.pk, tiny_model)
+    index_sync.sync_indices(tiny_model)
     Path(lost.file.path).unlink()  # storage lost it
-    report = reconciler.reconcile(files=True)
+    report = reconcile(files=True)
     assert report.missing_files == [lost.pk]
     lost.refresh_from_db()
     assert lost.status == "failed" and "missing" in lost.error
     assert not Embedding.objects.filter(asset=lost).exists()
     assert not Embedding.objects.filter(caption__asset=lost).exists()
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     assert lost.pk not in served_ids(tiny_model, "image")
-    assert reconciler.reconcile(files=True).missing_files == []  # reported once, not on every run
+    assert reconcile(files=True).missing_files == []  # reported once, not on every run
     with django_capture_on_commit_callbacks() as queued:
         again = ingest_image(data, ["a green block"])
+        tasks.queue_follow_ups(again)
     assert again.asset.pk == lost.pk and not again.created and len(queued) == 1
     assert Path(lost.file.path).read_bytes() == data
     lost.refresh_from_db()
     assert lost.status == "pending" and lost.error == ""
-    services.embed_asset(lost.pk, tiny_model)
+    asset_vectors.embed_asset(lost.pk, tiny_model)
     lost.refresh_from_db()
     assert lost.status == "embedded" and Embedding.objects.filter(caption__asset=lost).count() == 2
 
@@ -371,7 +378,7 @@ def test_crashes_while_the_model_loads_do_not_count_against_an_image(tiny_model,
     image. The delivery is counted once the model is loaded, so an image whose earlier
     deliveries all began in such workers is still embedded."""
     from embeddings.core import siglip
-    from embeddings.tasks import embed_asset
+    from search.tasks import embed_asset_task
 
     asset = add((59, 58, 57), embed=False)
     task_id = f"loading-{asset.pk}"
@@ -386,7 +393,7 @@ def test_crashes_while_the_model_loads_do_not_count_against_an_image(tiny_model,
     siglip.clear_encoder_cache()
     siglip.SiglipEncoder.load = load
     try:
-        assert embed_asset.apply(args=[asset.pk], task_id=task_id).get() == 2
+        assert embed_asset_task.apply(args=[asset.pk], task_id=task_id).get() == 2
     finally:
         siglip.SiglipEncoder.load = real_load
     assert counted_before_load and counted_before_load[0] == settings.EMBED_MAX_CRASHES - 1

@@ -7,11 +7,10 @@ from __future__ import annotations
 import pytest
 
 from embeddings import services
-from search import indexing, querycache, queries
+from search import asset_vectors, index_sync, queries, serving
 from search.api import serializers as s
-from search.ingest import ingest_image
+from search.curation import ingest_image
 from search.models import ImageAsset
-
 from tests.conftest import image_bytes
 from tests.test_encoder import jpeg_bytes, two_colour_image
 
@@ -25,8 +24,8 @@ def isolated(settings, tmp_path):
 
 
 def add(colour, captions):
-    asset = ingest_image(image_bytes(colour), list(captions), queue_embedding=False).asset
-    services.embed_asset(asset.pk)
+    asset = ingest_image(image_bytes(colour), list(captions)).asset
+    asset_vectors.embed_asset(asset.pk)
     return asset
 
 
@@ -37,7 +36,7 @@ def gallery(tiny_model, isolated):
         add((30, 200, 30), ["a green field"]),
         add((30, 30, 200), []),
     ]
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     return assets
 
 
@@ -56,8 +55,8 @@ def another_model(tiny_checkpoint):
 def test_a_search_after_another_model_is_activated_is_answered_by_it(gallery, tiny_model, tiny_checkpoint):
     assert queries.search_text("a red square", k=3).model.pk == tiny_model.pk
     other = another_model(tiny_checkpoint)
-    services.embed_asset(gallery[0].pk, model=other)
-    indexing.sync_indices(other)
+    asset_vectors.embed_asset(gallery[0].pk, model=other)
+    index_sync.sync_indices(other)
     result = queries.search_text("a red square", k=3)
     assert result.model.pk == other.pk
     assert [hit.asset.pk for hit in result.images] == [gallery[0].pk]
@@ -75,7 +74,7 @@ def test_a_remembered_model_that_fails_before_its_check_is_read_again(gallery, t
     queries.search_text("a red square", k=3)
     other = another_model(tiny_checkpoint)
     late = add((240, 240, 20), ["a yellow square"])  # embedded by the active model only
-    indexing.sync_indices(other)
+    index_sync.sync_indices(other)
     # The remembered model has no vector for it; the one now active has.
     result = queries.search_asset(late.pk, k=3)
     assert result.model.pk == other.pk
@@ -135,7 +134,7 @@ def test_a_new_index_version_is_served_by_the_next_search(gallery, tiny_model):
     before = {hit.asset.pk for hit in queries.search_text("a colour", k=10).images}
     late = add((240, 240, 20), ["a yellow square"])
     assert late.pk not in before
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     after = {hit.asset.pk for hit in queries.search_text("a colour", k=10).images}
     assert after == before | {late.pk}
 
@@ -154,7 +153,7 @@ def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
     import numpy as np
 
     from embeddings.core.siglip import load_image
-    from search.ingest import inspect_image
+    from search.validation import inspect_image
 
     kept = inspect_image(data, keep_decoded=True).image
     assert inspect_image(data).image is None
@@ -167,7 +166,7 @@ def test_the_checked_upload_is_the_picture_the_encoder_would_decode(data):
 
 
 def count_index_searches(monkeypatch, modality="image") -> list:
-    served = queries.loaded_indices.served(queries.serving_model(), modality)
+    served = serving.loaded_indices.served(serving.serving_model(), modality)
     calls = []
     original = served.index.search
 
@@ -183,29 +182,29 @@ def test_a_repeated_search_takes_its_neighbours_from_the_result_cache(gallery, t
     first = queries.search_text("a red square", k=3)
     calls = count_index_searches(monkeypatch)
     again = queries.search_text("A red square!", k=3)
-    assert calls == [] and again.timings["result_cache"] == querycache.HIT_LOCAL
-    assert first.timings["result_cache"] == querycache.MISS
+    assert calls == [] and again.timings["result_cache"] == serving.HIT_LOCAL
+    assert first.timings["result_cache"] == serving.MISS
     assert [(h.asset.pk, h.score) for h in again.images] == [(h.asset.pk, h.score) for h in first.images]
     other_k = queries.search_text("a red square", k=2)  # another k is another entry
-    assert calls == [2] and other_k.timings["result_cache"] == querycache.MISS
+    assert calls == [2] and other_k.timings["result_cache"] == serving.MISS
 
 
 def test_a_repeat_in_another_web_process_takes_embedding_and_neighbours_from_redis(
         gallery, tiny_model, monkeypatch):
     first = queries.search_text("a green field", k=2)
-    querycache.write_behind.flush()
+    serving.write_behind.flush()
     # Another process: empty local levels, the same Redis.
-    querycache.query_cache.clear()
-    monkeypatch.setattr(queries, "loaded_indices", indexing.LoadedIndices())
+    serving.query_cache.clear()
+    monkeypatch.setattr(queries, "loaded_indices", serving.LoadedIndices())
     calls = count_index_searches(monkeypatch)
     again = queries.search_text("a green field", k=2)
-    assert again.timings["query_cache"] == querycache.HIT_SHARED
-    assert again.timings["result_cache"] == querycache.HIT_SHARED and calls == []
+    assert again.timings["query_cache"] == serving.HIT_SHARED
+    assert again.timings["result_cache"] == serving.HIT_SHARED and calls == []
     assert [(h.asset.pk, h.score) for h in again.images] == [(h.asset.pk, h.score) for h in first.images]
 
 
 def test_a_deleted_image_leaves_cached_results_at_once(gallery, tiny_model):
-    from search.ingest import delete_assets
+    from search.curation import delete_assets
 
     first = queries.search_text("a red square", k=2)
     gone = first.images[0].asset.pk
@@ -213,16 +212,16 @@ def test_a_deleted_image_leaves_cached_results_at_once(gallery, tiny_model):
     again = queries.search_text("a red square", k=2)
     # The cached two lost one row, so the search widened past the cache to fill k.
     assert gone not in {hit.asset.pk for hit in again.images}
-    assert len(again.images) == 2 and again.timings["result_cache"] == querycache.MISS
+    assert len(again.images) == 2 and again.timings["result_cache"] == serving.MISS
 
 
 def test_a_new_index_version_starts_with_an_empty_result_cache(gallery, tiny_model):
     queries.search_text("a colour", k=10)
-    assert queries.search_text("a colour", k=10).timings["result_cache"] == querycache.HIT_LOCAL
+    assert queries.search_text("a colour", k=10).timings["result_cache"] == serving.HIT_LOCAL
     late = add((240, 240, 20), ["a yellow square"])
-    indexing.sync_indices(tiny_model)
+    index_sync.sync_indices(tiny_model)
     after = queries.search_text("a colour", k=10)
-    assert after.timings["result_cache"] == querycache.MISS
+    assert after.timings["result_cache"] == serving.MISS
     assert late.pk in {hit.asset.pk for hit in after.images}
 
 
@@ -230,24 +229,24 @@ def test_the_same_uploaded_photo_again_is_a_result_cache_hit(gallery):
     photo = image_bytes((200, 30, 30), pattern=2)
     first = queries.search_image(photo, k=2)
     again = queries.search_image(photo, k=2)
-    assert first.timings["result_cache"] == querycache.MISS
-    assert again.timings["result_cache"] == querycache.HIT_LOCAL
+    assert first.timings["result_cache"] == serving.MISS
+    assert again.timings["result_cache"] == serving.HIT_LOCAL
     assert [c.caption.pk for c in again.captions] == [c.caption.pk for c in first.captions]
 
 
 def test_long_neighbour_lists_are_not_cached(gallery, tiny_model, monkeypatch):
-    monkeypatch.setattr(indexing, "RESULT_CACHE_MAX_K", 2)
+    monkeypatch.setattr(serving, "RESULT_CACHE_MAX_K", 2)
     queries.search_text("a red square", k=3)
-    assert queries.search_text("a red square", k=3).timings["result_cache"] == querycache.MISS
+    assert queries.search_text("a red square", k=3).timings["result_cache"] == serving.MISS
     queries.search_text("a red square", k=2)
-    assert queries.search_text("a red square", k=2).timings["result_cache"] == querycache.HIT_LOCAL
+    assert queries.search_text("a red square", k=2).timings["result_cache"] == serving.HIT_LOCAL
 
 
 def test_result_cache_size_zero_turns_it_off(gallery, settings):
     settings.SEARCH_RESULT_CACHE_SIZE = 0
     queries.search_text("a red square", k=3)
-    querycache.write_behind.flush()
-    assert queries.search_text("a red square", k=3).timings["result_cache"] == querycache.MISS
+    serving.write_behind.flush()
+    assert queries.search_text("a red square", k=3).timings["result_cache"] == serving.MISS
 
 
 def test_the_api_says_where_the_neighbours_came_from(gallery, api_client):
@@ -263,14 +262,14 @@ def test_warm_up_loads_the_towers_indices_and_scan_copies_a_first_search_needs(g
     from embeddings.core import siglip
 
     siglip.clear_encoder_cache()
-    fresh = indexing.LoadedIndices()
+    fresh = serving.LoadedIndices()
     monkeypatch.setattr(queries, "loaded_indices", fresh)
     assert queries.warm_up()
     from django.conf import settings
 
     encoder = siglip.get_encoder(tiny_model.source, device=settings.SIGLIP_DEVICE, backend=settings.SIGLIP_INFERENCE)
     assert encoder.is_loaded  # by the warm-up: nothing else loaded it since the cache was cleared
-    served = fresh.served(queries.serving_model(), "image")
+    served = fresh.served(serving.serving_model(), "image")
     assert served is not None and served.index._half is not None  # the float16 scan copy is made
 
 

@@ -589,6 +589,17 @@ class SiglipEncoder:
         ]
         return np.concatenate(out)
 
+    def encode_device_pixels(self, pixels) -> np.ndarray:
+        """A batch of normalised pixels already on the model's device (a torch tensor in its
+        dtype, as the bulk pipeline prepares them on a GPU) -> (N, dim) float32 unit vectors."""
+        import torch
+
+        self.load()
+        with torch.inference_mode():
+            features = self.model.get_image_features(pixel_values=pixels).pooler_output
+            features = torch.nn.functional.normalize(features.float(), p=2, dim=-1)
+        return features.cpu().numpy().astype(np.float32, copy=False)
+
     def encode_images(self, images: Sequence, batch_size: int = 32) -> np.ndarray:
         """Images (bytes, paths, file objects or PIL images) -> (N, dim)
         float32 unit vectors."""

@@ -127,6 +127,10 @@ def _article(phrase: str) -> str:
     return ("an " if phrase[:1] in "aeiou" else "a ") + phrase
 
 
+# The demo model's world: how many pictures of each split, at which size.
+DEMO_DATA = {"seed": 0, "n_train": 12000, "n_val": 200, "n_test": 600, "image_size": 64}
+
+
 @dataclass(frozen=True, order=True)
 class Composition:
     """The attributes that define what an image shows."""

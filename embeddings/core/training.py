@@ -66,6 +66,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from evaluation.core.metrics import retrieval_metrics
+from embeddings.core.siglip import SiglipEncoder
+from embeddings.core.checkpoints import canonicalize_text
+from embeddings.core.checkpoints import tiny_siglip_config, train_sentencepiece_tokenizer
+from embeddings.core.checkpoints import save_checkpoint
+from embeddings.core.siglip import ImagePreprocessor
+from embeddings.core import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -355,7 +362,6 @@ def _embed(model, tensors: _Tensors, device, n_images: int | None = None, batch:
 
 
 def _evaluate(model, tensors: _Tensors, device, n_images: int | None, cpu_bf16=False) -> dict:
-    from evaluation.core.metrics import retrieval_metrics
 
     was_training = model.training
     model.eval()
@@ -369,8 +375,6 @@ def _evaluate(model, tensors: _Tensors, device, n_images: int | None, cpu_bf16=F
 def evaluate_checkpoint(checkpoint_dir, data_json, split: str = "test", image_root=None, device=None) -> dict:
     """Recall@K / mAP of a saved checkpoint on one split, encoded through
     :class:`embeddings.core.siglip.SiglipEncoder` (the search path)."""
-    from embeddings.core.siglip import SiglipEncoder
-    from evaluation.core.metrics import retrieval_metrics
 
     data = load_karpathy(data_json, (split,), image_root)
     encoder = SiglipEncoder(str(checkpoint_dir), device=device).load()
@@ -387,7 +391,6 @@ def _tokenizer_corpus(texts: list[str]) -> list[str]:
     words (colour and object names, say) as whole pieces on small, repetitive
     corpora, where it otherwise tends to split them into fragments.
     """
-    from embeddings.core.checkpoints import canonicalize_text
 
     words = sorted({w for t in texts for w in canonicalize_text(t).split()})
     return list(texts) + words
@@ -408,7 +411,6 @@ def _build_model(config: TrainConfig, train_texts: list[str], out_dir: Path):
             )
         return model, tokenizer
 
-    from embeddings.core.checkpoints import tiny_siglip_config, train_sentencepiece_tokenizer
 
     tokenizer = train_sentencepiece_tokenizer(_tokenizer_corpus(train_texts), out_dir, vocab_size=config.vocab_size)
     model_config = tiny_siglip_config(len(tokenizer), **copy.deepcopy(config.model))
@@ -510,8 +512,6 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
     from tqdm import tqdm
     from transformers import AutoTokenizer, SiglipModel
 
-    from embeddings.core.checkpoints import save_checkpoint
-    from embeddings.core.siglip import ImagePreprocessor
 
     started = time.perf_counter()
     out_dir = Path(config.out_dir)
@@ -699,7 +699,6 @@ def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainRe
 # --------------------------------------------------------------------------
 # The offline demo model
 # --------------------------------------------------------------------------
-DEMO_DATA = {"seed": 0, "n_train": 12000, "n_val": 200, "n_test": 600, "image_size": 64}
 DEMO_RECIPE = {
     # 40 px pictures in 8 px patches: a 5 x 5 grid whose middle row and column line up with
     # the left / centre / right and top / centre / bottom places of the shapes
@@ -730,9 +729,8 @@ def demo(out_dir="embeddings/demo_model", data_dir=None, *, num_threads=None, pr
     """Generate the shapes data set, train the demo SigLIP on it from scratch,
     measure it on the held-out test split through ``SiglipEncoder`` and save
     it (with ``demo_metrics.json``) to ``out_dir``."""
-    from embeddings.core import synthetic
 
-    data_params = dict(DEMO_DATA, **(data or {}))
+    data_params = dict(synthetic.DEMO_DATA, **(data or {}))
     recipe = dict(DEMO_RECIPE, **(recipe or {}))
     out = Path(out_dir)
     tmp = None

@@ -8,12 +8,11 @@ from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from search import ingest, queries
-from search.models import ImageAsset
 from embeddings.services import active_model
-
+from search import curation, queries, tasks, validation
 from search.api import serializers as s
 from search.api.access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
+from search.models import ImageAsset
 
 __all__ = ["AssetViewSet", "ImageSearchView", "IsStaffOrReadOnly", "TextSearchView"]
 
@@ -37,27 +36,27 @@ class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         upload = s.AssetUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
-        result = ingest.ingest_image(
-            ingest.read_upload(data["image"]), data["captions"], original_name=data["image"].name,
+        result = curation.ingest_image(
+            validation.read_upload(data["image"]), data["captions"], original_name=data["image"].name,
             user=request.user, collection=data["collection"],
         )
+        tasks.queue_follow_ups(result)
         # The asset as the upload committed it (a delete may follow at once: no fetch again).
         return Response(self.get_serializer(result.asset).data,
                         status=status.HTTP_201_CREATED if result.created else status.HTTP_200_OK)
 
     def perform_destroy(self, instance):
         # Gone from every search as soon as the row is; the index files follow on the next sync.
-        if not ingest.delete_assets(ImageAsset.objects.filter(pk=instance.pk)):
+        if not curation.delete_assets(ImageAsset.objects.filter(pk=instance.pk)):
             raise ImageAsset.DoesNotExist(f"Image {instance.pk} was already deleted by another request.")
+        tasks.schedule_index_syncs()
 
     @extend_schema(request=None, responses={202: None})
     @action(detail=False, methods=["post"])
     def reindex(self, request):
         """Rebuild the active model's indices from the vectors in Postgres (on a worker)."""
-        from search.tasks import rebuild_indices
-
         model = active_model()
-        rebuild_indices.delay(model.pk)
+        tasks.rebuild_indices_task.delay(model.pk)
         return Response({"detail": f"Rebuilding the indices of {model.name}."}, status=status.HTTP_202_ACCEPTED)
 
 

@@ -31,13 +31,13 @@ def event(name: str) -> None:
 
 
 def setup(directory: str) -> dict:
+    from pathlib import Path
+
     from django.contrib.auth import get_user_model
     from rest_framework.authtoken.models import Token
 
     from embeddings.core.checkpoints import build_random_checkpoint
     from embeddings.services import register_model
-
-    from pathlib import Path
 
     checkpoint = Path(directory)
     if not (checkpoint / "config.json").exists():  # else reuse one built earlier (the test session's)
@@ -75,11 +75,11 @@ def index_setup(count: int) -> dict:
 
 
 def _slow_writes(chunk: int, pause: float, hold: float) -> None:
-    from search import indexing
+    from search import index_sync
     from search.core.vector_index import base
 
     real_atomic_write = base.atomic_write
-    real_prune = indexing._prune_old_versions
+    real_prune = index_sync._prune_old_versions
 
     class Slices:
         def __init__(self, fh):
@@ -111,16 +111,16 @@ def _slow_writes(chunk: int, pause: float, hold: float) -> None:
         return real_prune(model, modality)
 
     base.atomic_write = atomic_write
-    indexing._prune_old_versions = prune
+    index_sync._prune_old_versions = prune
 
 
 def index_write(chunk: int, pause: float, hold: float) -> dict:
     from embeddings.models import EmbeddingModel
-    from search import indexing
+    from search import index_sync
 
     _slow_writes(chunk, pause, hold)
     model = EmbeddingModel.objects.get(name=INDEX_MODEL)
-    result = indexing.sync_index(model, "image", rebuild=True)
+    result = index_sync.sync_index(model, "image", rebuild=True)
     event("done")
     return {"version": result.build.version, "count": result.build.vector_count}
 
@@ -130,18 +130,18 @@ def index_check() -> dict:
     from pathlib import Path
 
     from embeddings.models import EmbeddingModel
-    from search import indexing
+    from search import index_sync, serving
     from search.models import IndexBuild
 
     model = EmbeddingModel.objects.get(name=INDEX_MODEL)
     ready_before = list(IndexBuild.objects.filter(model=model, modality="image", status="ready")
                         .order_by("-version").values_list("version", flat=True))
-    loader = indexing.LoadedIndices()
+    loader = serving.LoadedIndices()
     loaded = loader.served(model, "image")
     served = loaded.index if loaded is not None else None
     served_version = loaded.version if loaded is not None else None
-    wanted = set(indexing.stored_ids(model, "image").tolist())
-    directory = Path(indexing._index_dir(model, "image"))
+    wanted = set(index_sync.stored_ids(model, "image").tolist())
+    directory = Path(index_sync.index_dir(model, "image"))
     return {
         "ready_versions": ready_before,
         "served_version": served_version,
@@ -173,13 +173,12 @@ def soak_check(ledger_path: str) -> dict:
     the database, the media folder and the served indices hold."""
     from pathlib import Path
 
-    import numpy as np
     from django.conf import settings
     from django.db import connection
 
     from embeddings.models import Embedding, EmbeddingModel
     from embeddings.services import encoder_for
-    from search import indexing
+    from search import index_sync, serving
     from search.models import Caption, ImageAsset, normalise_text
 
     ledger = json.loads(Path(ledger_path).read_text())
@@ -230,7 +229,7 @@ def soak_check(ledger_path: str) -> dict:
             "SELECT count(*) FROM embeddings_embedding e LEFT JOIN search_imageasset a ON a.id = e.asset_id "
             "LEFT JOIN search_caption c ON c.id = e.caption_id WHERE a.id IS NULL AND c.id IS NULL")
         (orphan_vectors,) = cursor.fetchone()
-    served = indexing.LoadedIndices()
+    served = serving.LoadedIndices()
     image_index = served.get(model, "image")
     caption_index = served.get(model, "caption")
     image_ids = set(image_index.ids().tolist()) if image_index is not None else set()
@@ -246,8 +245,8 @@ def soak_check(ledger_path: str) -> dict:
         "orphan_files": len(files - named), "assets_without_file": len(named - files),
         "orphan_vectors": orphan_vectors,
         "index_rows_of_deleted": len((image_ids - live_ids) | (image_ids & deleted)),
-        "index_drift": len(image_ids ^ set(indexing.stored_ids(model, "image").tolist()))
-        + len(caption_ids ^ set(indexing.stored_ids(model, "caption").tolist())),
+        "index_drift": len(image_ids ^ set(index_sync.stored_ids(model, "image").tolist()))
+        + len(caption_ids ^ set(index_sync.stored_ids(model, "caption").tolist())),
         "unacknowledged": unacknowledged.count(),
         "unacknowledged_pending": unacknowledged.exclude(status="embedded").count(),
         "problems": problems[:20],

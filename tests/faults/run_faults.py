@@ -101,7 +101,7 @@ class Events:
             return []
 
     def embed_starts(self):
-        return [parts for parts in self.lines() if parts[2] == "start" and parts[3].endswith("embed_asset")]
+        return [parts for parts in self.lines() if parts[2] == "start" and parts[3].endswith("embed_asset_task")]
 
     def executions_per_asset(self) -> dict[int, int]:
         counts: dict[int, int] = {}

@@ -47,7 +47,7 @@ def _started(sender=None, task=None, args=None, **kwargs):
 @task_postrun.connect
 def _ended(sender=None, task=None, args=None, **kwargs):
     _event("end", task, args)
-    if POSTRUN_DELAY and task.name == "embeddings.tasks.embed_asset":
+    if POSTRUN_DELAY and task.name == "search.tasks.embed_asset_task":
         time.sleep(POSTRUN_DELAY)
 
 

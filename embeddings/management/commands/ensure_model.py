@@ -15,10 +15,9 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from embeddings import services
-from embeddings.models import EmbeddingModel
 from embeddings.core.siglip import ModelNotAvailable
-
-from evaluation.management.commands.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+from embeddings.models import EmbeddingModel
+from embeddings.services import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

@@ -4,7 +4,7 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings import training_service
+from embeddings import services
 
 
 class Command(BaseCommand):
@@ -40,7 +40,7 @@ class Command(BaseCommand):
             except json.JSONDecodeError as exc:
                 raise CommandError(f"--model-json is not valid JSON: {exc}") from exc
         try:
-            model, result = training_service.train_and_register(options, name=o["name"], activate=o["activate"])
+            model, result = services.train_and_register(options, name=o["name"], activate=o["activate"])
         except (FileNotFoundError, ValueError) as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(f"Saved {result.checkpoint_dir}; registered as {model.name}"

@@ -14,7 +14,7 @@ they compress like photographs).
 
 The run registers a separate, inactive embedding model, creates the assets in
 the collection ``bench-ingest`` and embeds them with
-``embeddings.pipeline.embed_assets_bulk`` (one index sync at the end); it
+``search.bulk_embedding.embed_assets_bulk`` (one index sync at the end); it
 removes all of it afterwards unless ``--keep``. It also times the model alone
 on ready pixels, the ceiling for the end-to-end rate.
 """
@@ -117,8 +117,8 @@ class Command(BaseCommand):
         from tqdm import tqdm
 
         from embeddings.models import EmbeddingModel
-        from embeddings.pipeline import embed_assets_bulk
         from embeddings.services import encoder_for, register_model
+        from search.bulk_embedding import embed_assets_bulk
         from search.models import ImageAsset
 
         n = opts["n"]
@@ -163,13 +163,13 @@ class Command(BaseCommand):
         self.stdout.write(f"{len(ids)} JPEGs 640x480, {jpeg_bytes / len(ids) / 1024:.0f} KiB each on average")
 
         # Decoding for the GPU path (uint8, resized), one core: what each worker sustains.
-        from embeddings.pipeline import _resized_uint8
+        from embeddings.core.batches import resized_uint8
 
         encoder.load()
         sample = [(media / a.file.name).read_bytes() for a in assets[: min(n, 64)]]
         t0 = time.perf_counter()
         for data in sample:
-            _resized_uint8(encoder.preprocessor, data, draft=opts["jpeg_draft"])
+            resized_uint8(encoder.preprocessor, data, draft=opts["jpeg_draft"])
         decode_one_core = len(sample) / (time.perf_counter() - t0)
 
         alone = None

@@ -309,8 +309,8 @@ class Command(BaseCommand):
     # -- main ----------------------------------------------------------------
 
     def handle(self, *args, **opts):
-        from embeddings.models import EmbeddingModel
         from embeddings.core.siglip import _default_device
+        from embeddings.models import EmbeddingModel
 
         self.opts = opts
         self.device = settings.SIGLIP_DEVICE or _default_device()
@@ -483,7 +483,7 @@ class Command(BaseCommand):
         """Assets and captions in Postgres; synthetic unit vectors in the index files."""
         from tqdm import tqdm
 
-        from search.indexing import latest_build
+        from search.index_sync import latest_build
         from search.models import Caption, ImageAsset, IndexBuild
 
         assets = ImageAsset.objects.filter(collection=BENCH_COLLECTION)
@@ -527,8 +527,8 @@ class Command(BaseCommand):
     def _write_index(self, model, modality, ids: np.ndarray) -> None:
         from tqdm import tqdm
 
-        from search.models import IndexBuild
         from search.core.vector_index import create_index
+        from search.models import IndexBuild
 
         index = create_index(settings.VECTOR_INDEX_BACKEND, model.dimension)
         rng = np.random.default_rng(1234 if modality == "image" else 5678)
@@ -755,11 +755,10 @@ class Command(BaseCommand):
 
         from embeddings.core.siglip import load_image
         from search.api import serializers as s
-        from search.indexing import loaded_indices
-        from search.ingest import inspect_image
         from search.models import IndexBuild
-        from search.queries import (CaptionHit, ImageHit, SearchResult, ServingCheck, fetch_assets, fetch_captions,
-                                    serving)
+        from search.queries import CaptionHit, ImageHit, SearchResult, fetch_assets, fetch_captions, serving
+        from search.serving import ServingCheck, loaded_indices
+        from search.validation import inspect_image
 
         encoder = self._encoder(model)
         image_index = loaded_indices.get(model, IndexBuild.Modality.IMAGE)
@@ -811,7 +810,7 @@ class Command(BaseCommand):
         measured even where the server leaves the shared level off (on CUDA, by default)."""
         from django.test.utils import override_settings
 
-        from search.querycache import QueryEmbeddingCache, shared_level, write_behind
+        from search.serving import QueryEmbeddingCache, shared_level, write_behind
 
         encoder = self._encoder(model)
         local, shared = [], []

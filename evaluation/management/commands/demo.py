@@ -14,40 +14,21 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings import services
 from embeddings.models import Embedding, EmbeddingModel
-from embeddings.tasks import embed_asset
-from search import indexing
+from search import asset_vectors, index_sync
 from search.models import ImageAsset
+from search import tasks
+from embeddings.services import activate_demo_model, demo_checkpoint
+from embeddings.core import synthetic
+from evaluation import datasets
 
-DEMO_MODEL_DIR = Path(settings.BASE_DIR) / "embeddings" / "demo_model"
 DEMO_COLLECTION = "shapes-demo"
-DEMO_MODEL_NAME = "offline-demo"
-
-
-def demo_checkpoint(retrain: bool, stdout) -> Path:
-    if not retrain and (DEMO_MODEL_DIR / "config.json").exists():
-        return DEMO_MODEL_DIR
-    from embeddings.core import training
-
-    target = Path(settings.STATE_DIR) / "models" / "demo"
-    stdout.write(f"Training the demo model into {target} (about 9 minutes on 2 CPU cores) …")
-    return training.demo(out_dir=target, data_dir=Path(settings.STATE_DIR) / "datasets" / "shapes-train")
-
-
-def activate_demo_model(checkpoint: Path) -> EmbeddingModel:
-    existing = EmbeddingModel.objects.filter(source=str(checkpoint.resolve())).first()
-    model = existing or services.register_model(str(checkpoint), name=DEMO_MODEL_NAME, kind=EmbeddingModel.Kind.DEMO)
-    model.activate()
-    return model
 
 
 def demo_gallery(data_dir: Path) -> Path:
     """The test split of the generated set (it does not depend on the training images)."""
-    from embeddings.core import synthetic
-    from embeddings.core.training import DEMO_DATA
 
-    return synthetic.generate(data_dir, **dict(DEMO_DATA, n_train=0), progress=True)
+    return synthetic.generate(data_dir, **dict(synthetic.DEMO_DATA, n_train=0), progress=True)
 
 
 class Command(BaseCommand):
@@ -65,7 +46,6 @@ class Command(BaseCommand):
     def handle(self, *args, retrain=False, in_process=False, timeout=600, if_active=False, **options):
         from tqdm import tqdm
 
-        from evaluation import datasets
 
         if if_active:
             model = EmbeddingModel.active()
@@ -78,22 +58,21 @@ class Command(BaseCommand):
         dataset = datasets.load("synthetic", demo_gallery(data_dir), split="test")
         done = Embedding.objects.filter(model=model, asset__collection=DEMO_COLLECTION).count()
         if done >= len(dataset.items):
-            indexing.sync_indices(model)
+            index_sync.sync_indices(model)
             self.stdout.write(f"Demo ready: {done} pictures in collection {DEMO_COLLECTION!r}.")
             return
         with tqdm(total=len(dataset.items), desc="importing", unit="image") as bar:
-            result = datasets.import_dataset(dataset, DEMO_COLLECTION, queue_embedding=not in_process,
+            result = datasets.import_dataset(dataset, DEMO_COLLECTION,
                                              progress=lambda done, total: bar.update(done - bar.n))
         ids = result.asset_ids
-        missing = list(services.assets_missing_vectors(model).filter(pk__in=ids).values_list("pk", flat=True))
+        missing = list(asset_vectors.assets_missing_vectors(model).filter(pk__in=ids).values_list("pk", flat=True))
         if in_process:
             for asset_id in tqdm(missing, desc="embedding", unit="image"):
-                services.embed_asset(asset_id, model)
+                asset_vectors.embed_asset(asset_id, model)
         else:
-            for asset_id in missing:  # new pictures were queued on import; queuing twice is harmless
-                embed_asset.delay(asset_id)
+            tasks.queue_embedding(*missing)
             self.wait_for_worker(model, ids, timeout)
-        indexing.sync_indices(model)
+        index_sync.sync_indices(model)
         self.stdout.write(f"Demo ready: {len(ids)} pictures in collection {DEMO_COLLECTION!r}. "
                           "Try “a small red circle”.")
 
@@ -101,7 +80,7 @@ class Command(BaseCommand):
         from tqdm import tqdm
 
         deadline = time.monotonic() + timeout
-        pending = services.assets_missing_vectors(model).filter(pk__in=ids)
+        pending = asset_vectors.assets_missing_vectors(model).filter(pk__in=ids)
         with tqdm(total=len(ids), desc="embedding (worker)", unit="image") as bar:
             while True:
                 left = pending.count()

@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from evaluation import datasets
+from search import tasks
 
 
 class Command(BaseCommand):
@@ -32,9 +33,10 @@ class Command(BaseCommand):
             self.stdout.write(f"{dataset.kind} {dataset.split}: {len(dataset.items)} images from {dataset.json_path}")
             with tqdm(total=len(dataset.items), desc="importing", unit="img") as bar:
                 result = datasets.import_dataset(
-                    dataset, options["collection"] or None, queue_embedding=not options["no_embed"],
-                    progress=lambda done, total: bar.update(done - bar.n),
+                    dataset, options["collection"] or None, progress=lambda done, total: bar.update(done - bar.n),
                 )
+            if not options["no_embed"]:
+                tasks.queue_follow_ups(result)
         except datasets.DatasetError as exc:
             raise CommandError(str(exc)) from exc
         self.stdout.write(self.style.SUCCESS(

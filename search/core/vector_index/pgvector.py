@@ -26,14 +26,14 @@ to older rows.
 **Connections.** Every operation borrows a psycopg 3 connection, found in
 this order:
 
-1. the callable given to ``set_connection_provider`` (returns a connection;
-   it is never closed here);
-2. ``$VECTOR_INDEX_PG_DSN``: one autocommit connection per thread;
-3. inside a configured Django project, ``django.db.connections[alias]``
-   (``alias`` parameter, default ``"default"``). Operations then join the
-   caller's transaction: inside ``transaction.atomic()`` an ``add`` commits or
-   rolls back with the rest of the block. Each operation runs in a savepoint
-   (or its own transaction in autocommit mode).
+1. the callable given to ``set_connection_provider``, called with the index's
+   ``alias`` parameter (default ``"default"``); it returns a connection, which is
+   never closed here. The portal gives its database connection of that alias
+   (``search.index_sync.database_connection``), so operations join the caller's
+   transaction: inside ``transaction.atomic()`` an ``add`` commits or rolls back
+   with the rest of the block. Each operation runs in a savepoint (or its own
+   transaction in autocommit mode);
+2. ``$VECTOR_INDEX_PG_DSN``: one autocommit connection per thread.
 
 The ``vector`` extension is created when missing (``CREATE EXTENSION IF NOT
 EXISTS vector`` needs a role allowed to create it; the pgvector/pgvector
@@ -62,7 +62,6 @@ import os
 import re
 import secrets
 import struct
-import sys
 import threading
 import weakref
 from typing import Callable
@@ -112,29 +111,16 @@ _own = threading.local()
 
 
 def set_connection_provider(provider: Callable | None) -> None:
-    """Use ``provider()`` (a psycopg 3 connection, borrowed) for every
-    pgvector index in this process; ``None`` restores the default lookup."""
+    """Use ``provider(alias)`` (a psycopg 3 connection, borrowed) for every
+    pgvector index in this process; ``None`` leaves ``$VECTOR_INDEX_PG_DSN``."""
     global _provider
     _provider = provider
 
 
-def _django_connection(alias: str):
-    if "django" not in sys.modules:
-        return None
-    from django.conf import settings
-
-    if not settings.configured:
-        return None
-    from django.db import connections
-
-    wrapper = connections[alias]
-    wrapper.ensure_connection()
-    return wrapper.connection
-
 
 def _get_connection(alias: str):
     if _provider is not None:
-        return _provider()
+        return _provider(alias)
     dsn = os.environ.get(DSN_ENV_VAR)
     if dsn:
         conn = getattr(_own, "conn", None)
@@ -144,13 +130,9 @@ def _get_connection(alias: str):
             conn = psycopg.connect(dsn, autocommit=True)
             _own.conn, _own.dsn = conn, dsn
         return conn
-    conn = _django_connection(alias)
-    if conn is None:
-        raise VectorIndexError(
-            "the pgvector backend has no database connection: set "
-            f"${DSN_ENV_VAR}, call set_connection_provider(), or use it inside Django"
-        )
-    return conn
+    raise VectorIndexError(
+        f"the pgvector backend has no database connection: set ${DSN_ENV_VAR} or call set_connection_provider()"
+    )
 
 
 _registered: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # connection -> vector type oid

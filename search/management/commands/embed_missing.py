@@ -1,7 +1,9 @@
 from django.core.management.base import BaseCommand
 
-from embeddings.services import active_model, assets_missing_vectors
-from embeddings.tasks import embed_asset
+from embeddings.services import active_model
+from search.asset_vectors import assets_missing_vectors
+from search.tasks import embed_asset_task
+from search import asset_vectors
 
 
 class Command(BaseCommand):
@@ -13,13 +15,12 @@ class Command(BaseCommand):
     def handle(self, *args, now=False, **options):
         from tqdm import tqdm
 
-        from embeddings import services
 
         model = active_model()
         ids = list(assets_missing_vectors(model).values_list("pk", flat=True))
         for asset_id in tqdm(ids, desc="embedding" if now else "queueing", unit="image", disable=not ids):
             if now:
-                services.embed_asset(asset_id, model)
+                asset_vectors.embed_asset(asset_id, model)
             else:
-                embed_asset.delay(asset_id)
+                embed_asset_task.delay(asset_id)
         self.stdout.write(f"{len(ids)} assets {'embedded' if now else 'queued'} for {model.name}.")

@@ -1,7 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from embeddings.models import EmbeddingModel
-from search import indexing
+from search import index_sync
 
 
 class Command(BaseCommand):
@@ -16,6 +16,6 @@ class Command(BaseCommand):
         target = EmbeddingModel.objects.filter(name=model).first() if model else EmbeddingModel.active()
         if target is None:
             raise CommandError(f"No embedding model {'named ' + model if model else 'is active'}.")
-        for result in indexing.sync_indices(target, rebuild=not sync):
+        for result in index_sync.sync_indices(target, rebuild=not sync):
             count = result.build.vector_count if result.build else 0
             self.stdout.write(f"{result.modality}: {count} vectors (v{result.build.version if result.build else 0})")

@@ -2,7 +2,7 @@ import json
 
 from django.core.management.base import BaseCommand
 
-from search import reconciler
+from search import reconciler, tasks
 
 
 class Command(BaseCommand):
@@ -21,6 +21,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, stuck_after=None, no_files=False, dry_run=False, as_json=False, **options):
         report = reconciler.reconcile(stuck_after=stuck_after, files=not no_files, dry_run=dry_run)
+        tasks.queue_requeued(report)
         if as_json:
             self.stdout.write(json.dumps(report.as_dict(), indent=2, default=str))
             return

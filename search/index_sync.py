@@ -1,36 +1,33 @@
-"""Keeping the vector indices in step with Postgres, and serving them to searches.
+"""Writing the vector indices: keeping them in step with the vectors in Postgres.
 
 Two indices per embedding model: ``image`` (rows keyed by asset id, for
 text→image and image→image) and ``caption`` (rows keyed by caption id, for
 image→text). Workers write new index versions (atomically, one file per
-version, recorded as an ``IndexBuild``); web processes notice a newer ready
-version and swap it in without a restart.
+version, recorded as an ``IndexBuild``); web processes load them
+(``search.serving``) and swap a newer one in without a restart.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from django.conf import settings
-from django.core.cache import cache
-from django.db import connection, transaction
-from django.db.models import OuterRef, Subquery
+from django.db import connection, connections, transaction
 
 from embeddings.models import Embedding, EmbeddingModel
 
-from search import querycache
-from search.models import IndexBuild
-from search.querycache import LRU
 from search.core.vector_index import VectorIndex, create_index, get_backend, load_index
+from search.models import IndexBuild
 
 log = logging.getLogger(__name__)
 
+
 MODALITIES = (IndexBuild.Modality.IMAGE, IndexBuild.Modality.CAPTION)
+
+
 FETCH_CHUNK = 5000
 
 
@@ -88,31 +85,11 @@ def latest_build(model: EmbeddingModel, modality: str) -> IndexBuild | None:
     )
 
 
-_UNKNOWN = object()
-
-
-def version_attribute(modality: str) -> str:
-    return f"latest_{str(modality)}_version"
-
-
-def with_latest_versions(models):
-    """``models`` (an ``EmbeddingModel`` queryset) annotated with the newest ready
-    index version of each modality, so a search needs no query of its own for it."""
-    return models.annotate(**{
-        version_attribute(modality): Subquery(
-            IndexBuild.objects.filter(model=OuterRef("pk"), modality=modality, status=IndexBuild.Status.READY)
-            .order_by("-version")
-            .values("version")[:1]
-        )
-        for modality in MODALITIES
-    })
-
-
-def _index_dir(model: EmbeddingModel, modality: str) -> Path:
+def index_dir(model: EmbeddingModel, modality: str) -> Path:
     return Path(settings.INDEX_DIR) / f"model-{model.pk}" / modality
 
 
-def _load_latest_valid(model: EmbeddingModel, modality: str) -> tuple[VectorIndex | None, IndexBuild | None]:
+def load_latest_valid(model: EmbeddingModel, modality: str) -> tuple[VectorIndex | None, IndexBuild | None]:
     """The newest ready version whose file loads and matches its checksum."""
     builds = IndexBuild.objects.filter(
         model=model, modality=modality, status=IndexBuild.Status.READY
@@ -124,6 +101,14 @@ def _load_latest_valid(model: EmbeddingModel, modality: str) -> tuple[VectorInde
             log.warning("index %s unusable (%s); trying an older version", build, exc)
             IndexBuild.objects.filter(pk=build.pk).update(status=IndexBuild.Status.FAILED, error=str(exc)[:2000])
     return None, None
+
+
+def database_connection(alias: str = "default"):
+    """The psycopg connection of a Django database alias, for the pgvector backend
+    (``search.core.vector_index.pgvector.set_connection_provider``, set as the app starts)."""
+    wrapper = connections[alias]
+    wrapper.ensure_connection()
+    return wrapper.connection
 
 
 def _lock_key(model: EmbeddingModel, modality: str) -> int:
@@ -158,7 +143,7 @@ def sync_index(model: EmbeddingModel, modality: str, *, rebuild: bool = False) -
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(%s)", [_lock_key(model, modality)])
         _remove_partial_writes(model, modality)
-        index, previous = (None, None) if rebuild else _load_latest_valid(model, modality)
+        index, previous = (None, None) if rebuild else load_latest_valid(model, modality)
         if index is None:
             index = _new_index(model, modality)
             if rebuild and not index.snapshot_files:  # a table-backed index (pgvector) starts afresh
@@ -188,7 +173,7 @@ def sync_index(model: EmbeddingModel, modality: str, *, rebuild: bool = False) -
 def _save_version(model, modality, index: VectorIndex, previous: IndexBuild | None) -> IndexBuild:
     last = IndexBuild.objects.filter(model=model, modality=modality).order_by("-version").first()
     version = (last.version if last else 0) + 1
-    directory = _index_dir(model, modality)
+    directory = index_dir(model, modality)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"v{version:06d}.index"
     checksum = index.save(path)
@@ -208,7 +193,7 @@ def _save_version(model, modality, index: VectorIndex, previous: IndexBuild | No
 def _remove_partial_writes(model, modality) -> None:
     """Temp files of writers that died mid-write (only called under the index lock, so no
     writer of this index is running)."""
-    directory = _index_dir(model, modality)
+    directory = index_dir(model, modality)
     if directory.is_dir():
         for leftover in directory.glob(".*.tmp"):
             log.info("removing %s, left by an interrupted index write", leftover)
@@ -235,133 +220,3 @@ def sync_indices(model: EmbeddingModel | None = None, *, rebuild: bool = False) 
     if model is None:
         return []
     return [sync_index(model, modality, rebuild=rebuild) for modality in MODALITIES]
-
-
-def _pending_key(model_id: int) -> str:
-    return f"index-sync-pending:{model_id}"
-
-
-def schedule_index_sync(model_id: int) -> None:
-    """Queue one index sync after commit; a burst of uploads shares a single sync."""
-    from search.tasks import sync_indices as sync_task
-
-    def enqueue():
-        if cache.add(_pending_key(model_id), 1, timeout=600):
-            sync_task.delay(model_id)
-
-    # robust: with Valkey away the commit still stands; the reconciler repairs the index later.
-    transaction.on_commit(enqueue, robust=True)
-
-
-def clear_sync_pending(model_id: int) -> None:
-    cache.delete(_pending_key(model_id))
-
-
-# --- Serving side ---------------------------------------------------------------
-
-
-RESULT_CACHE_MAX_K = 400  # longest neighbour list the result cache keeps
-
-
-def _result_cache_size() -> int:
-    return int(getattr(settings, "SEARCH_RESULT_CACHE_SIZE", 4096))
-
-
-@dataclass
-class ServedIndex:
-    """One loaded index version, with the neighbours of the vectors it was last asked
-    about (an LRU of ``SEARCH_RESULT_CACHE_SIZE`` entries per index version, and for
-    text queries the shared level of ``search.querycache``).
-
-    What a version holds is fixed once it is written, so its answers stay right until
-    a newer version replaces it, and that drops them: no invalidation to get wrong. Rows
-    deleted since the version was written are filtered out by the search reading
-    them from Postgres, cached or not.
-    """
-
-    model_id: int
-    modality: str
-    version: int
-    index: VectorIndex
-    checksum: str = ""  # of the version's file: part of the shared key, should a version number recur
-    results: LRU = field(default_factory=lambda: LRU(_result_cache_size))
-
-    def nearest(self, vector: np.ndarray, k: int, *, shared_read: bool = False,
-                shared_write: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
-        """(ids, scores, where) of the ``k`` rows nearest to one vector; ``where`` is
-        ``querycache.HIT_LOCAL``, ``HIT_SHARED`` or ``MISS`` (the index was searched)."""
-        vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
-        # SEARCH_RESULT_CACHE_SIZE=0: no result cache at all. Long lists (a search widened
-        # far past deleted rows) are not kept: they would crowd out thousands of short ones.
-        if not self.results.size or k > RESULT_CACHE_MAX_K:
-            return (*self._search(vector, k), querycache.MISS)
-        digest = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()
-        found = self.results.get((k, digest))
-        if found is not None:
-            return found[0], found[1], querycache.HIT_LOCAL
-        shared_key = None
-        if shared_read or shared_write:
-            shared_key = querycache.neighbours_key(self.model_id, self.modality,
-                                                   f"{self.version}-{self.checksum[:16]}", k, digest)
-        if shared_read:
-            found = querycache.get_shared_neighbours(shared_key)
-            if found is not None and len(found[0]) == k:
-                self.results.put((k, digest), found)
-                return found[0], found[1], querycache.HIT_SHARED
-        ids, scores = self._search(vector, k)
-        self.results.put((k, digest), (ids, scores))
-        if shared_write:
-            querycache.put_shared_neighbours(shared_key, ids, scores)
-        return ids, scores, querycache.MISS
-
-    def _search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """The index's answer for one (1, dim) vector, as read-only 1-d arrays."""
-        ids, scores = self.index.search(vector, k)
-        ids, scores = ids[0], scores[0]
-        ids.setflags(write=False)
-        scores.setflags(write=False)
-        return ids, scores
-
-
-class LoadedIndices:
-    """Per-process cache of the newest index version of each model and modality."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._loaded: dict[tuple[int, str], ServedIndex] = {}
-
-    def get(self, model: EmbeddingModel, modality: str) -> VectorIndex | None:
-        """The newest ready version's index (see :meth:`served`)."""
-        served = self.served(model, modality)
-        return served.index if served is not None else None
-
-    def served(self, model: EmbeddingModel, modality: str) -> ServedIndex | None:
-        """The newest ready version, loaded once per process. A model fetched with
-        ``with_latest_versions`` carries that version already (no query here)."""
-        version = getattr(model, version_attribute(modality), _UNKNOWN)
-        if version is _UNKNOWN:
-            build = latest_build(model, modality)
-            version = build.version if build is not None else None
-        key = (model.pk, modality)
-        current = self._loaded.get(key)
-        if version is None:
-            return None
-        if current is not None and current.version == version:
-            return current
-        with self._lock:
-            current = self._loaded.get(key)
-            if current is not None and current.version == version:
-                return current
-            index, loaded_build = _load_latest_valid(model, modality)
-            if loaded_build is None or loaded_build.version != version:
-                # The newest version was torn or missing: serve the last good one and have a
-                # worker write a fresh version from Postgres.
-                schedule_index_sync(model.pk)
-            if index is None:
-                return None
-            self._loaded[key] = ServedIndex(model.pk, str(modality), loaded_build.version, index,
-                                            loaded_build.checksum or "")
-            return self._loaded[key]
-
-
-loaded_indices = LoadedIndices()

@@ -15,10 +15,10 @@ dataset import or ``embed_missing`` wants it, instead of one task per image:
   backend it uses);
 * **store** in bulk: ``COPY`` into PostgreSQL in chunks (:func:`insert_vectors`)
   and one ``UPDATE`` of the statuses per chunk, no per-image round trip;
-* **index**: one index sync at the end (or one scheduled after commit).
+* **index**: one index sync at the end (or none: the caller schedules one).
 
 Captions without a vector are embedded too (batched texts), as
-:func:`embeddings.services.embed_asset` does. The vectors are those of the
+:func:`search.asset_vectors.embed_asset` does. The vectors are those of the
 per-asset path: the same pixels and the same model; only the batching
 differs, which moves float32 results by a rounding step at most (with
 ``batch_size=1`` they are bit-identical).
@@ -26,39 +26,39 @@ differs, which moves float32 results by a rounding step at most (with
 
 from __future__ import annotations
 
-import io
 import logging
-import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-
-import numpy as np
-
-from embeddings.core.siglip import ImagePreprocessor, load_image
+from embeddings.core.batches import (
+    ImageFiles,
+    collate,
+    default_batch_size,
+    default_workers,
+    lower_priority,
+    normalise_on_device,
+)
+from django.db import connection
+from django.utils import timezone
+from embeddings.models import Embedding
+from django.db import transaction
+from django.db.models import Case, Value, When
+from embeddings.services import active_model, encoder_for
+from search.asset_vectors import mark_complete
+from search.locking import lock_assets
+from search.models import Caption, ImageAsset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BulkResult", "default_batch_size", "default_workers", "embed_assets_bulk", "insert_vectors"]
+
+__all__ = ["BulkEmbeddingResult", "default_batch_size", "default_workers", "embed_assets_bulk", "insert_vectors"]
+
 
 STAGES = ("read", "decode", "model", "text", "store", "index")
 
 
-def default_workers(device: str) -> int:
-    """Decoding processes: on a GPU host all cores but two (the main process
-    feeds the GPU); on CPU the model wants the cores, so a few at most."""
-    cores = os.cpu_count() or 1
-    if device.startswith("cuda"):
-        return max(1, min(cores - 2, 32))
-    return max(1, min(4, cores // 4))
-
-
-def default_batch_size(device: str) -> int:
-    return 256 if device.startswith("cuda") else 16
-
-
 @dataclass
-class BulkResult:
+class BulkEmbeddingResult:
     """What a bulk run did, and where its time went.
 
     ``seconds`` holds the busy time of each stage: for ``read`` and ``decode``
@@ -88,143 +88,6 @@ class BulkResult:
         return rates
 
 
-# --------------------------------------------------------------------------
-# Worker side (no Django here: runs in DataLoader worker processes)
-# --------------------------------------------------------------------------
-
-
-def _resized_uint8(preprocessor: ImagePreprocessor, data: bytes, draft: bool = False) -> np.ndarray:
-    """Decode and resize exactly as ``ImagePreprocessor.process_one``, stopping
-    before rescaling: (3, H, W) uint8.
-
-    ``draft``: let libjpeg decode a JPEG straight at a reduced scale (1/2, 1/4,
-    1/8: the smallest that still covers the model's input size), then resize
-    from there. Decoding a 640x480 photo for a 224 px model gets about twice as
-    fast; the pixels differ slightly from the exact path (see docs/scaling.md).
-    """
-    source = data
-    if draft:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"cannot decode image: {exc}") from exc
-        if image.format == "JPEG":
-            image.draft("RGB", (preprocessor.width, preprocessor.height))
-        source = image
-    rgb = load_image(source)
-    if rgb.size != (preprocessor.width, preprocessor.height):
-        rgb = rgb.resize((preprocessor.width, preprocessor.height), resample=preprocessor.resample)
-    return np.ascontiguousarray(np.asarray(rgb).transpose(2, 0, 1))
-
-
-def _check_header(data: bytes, max_bytes: int | None, max_pixels: int | None) -> None:
-    """The upload caps (bytes, pixels from the header) before anything is decoded."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ValueError(f"the file is {len(data):,} bytes; the limit is {max_bytes:,}")
-    if max_pixels is not None:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-        except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-            raise ValueError(f"cannot decode image: {exc}") from exc
-        if width * height > max_pixels:
-            raise ValueError(f"the image is {width}x{height} pixels; the limit is {max_pixels:,}")
-
-
-class _ImageFiles:
-    """Map-style dataset: item i -> (asset id, pixels or None, error, read s, decode s)."""
-
-    def __init__(self, items: list[tuple[int, str | bytes]], preprocessor: ImagePreprocessor, uint8: bool,
-                 max_bytes: int | None = None, max_pixels: int | None = None, draft: bool = False):
-        self.items = items
-        self.preprocessor = preprocessor
-        self.uint8 = uint8
-        self.draft = draft
-        self.max_bytes = max_bytes
-        self.max_pixels = max_pixels
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        asset_id, source = self.items[i]
-        t0 = time.perf_counter()
-        try:
-            if isinstance(source, bytes):
-                data = source
-            else:
-                with open(source, "rb") as fh:
-                    data = fh.read()
-        except OSError as exc:
-            return asset_id, None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0, 0.0
-        t1 = time.perf_counter()
-        try:
-            _check_header(data, self.max_bytes, self.max_pixels)
-            if self.uint8:
-                pixels = _resized_uint8(self.preprocessor, data, draft=self.draft)
-            else:
-                pixels = self.preprocessor.process_one(data)
-        except (ValueError, OSError) as exc:
-            return asset_id, None, f"{type(exc).__name__}: {exc}", t1 - t0, time.perf_counter() - t1
-        return asset_id, pixels, None, t1 - t0, time.perf_counter() - t1
-
-
-def _lower_priority(worker_id: int) -> None:
-    """On CPU the model is the bottleneck: decoding (a few per cent of a core)
-    takes only the cycles the model's threads leave."""
-    try:
-        os.nice(10)
-    except OSError:
-        pass
-
-
-def _collate(samples):
-    import torch
-
-    ids, pixels, errors, read_s, decode_s = zip(*samples)
-    good = [p for p in pixels if p is not None]
-    batch = torch.from_numpy(np.stack(good)) if good else None
-    return {
-        "ids": [i for i, p in zip(ids, pixels) if p is not None],
-        "pixels": batch,
-        "failed": {i: e for i, p, e in zip(ids, pixels, errors) if p is None},
-        "read": float(sum(read_s)),
-        "decode": float(sum(decode_s)),
-    }
-
-
-# --------------------------------------------------------------------------
-# Main process
-# --------------------------------------------------------------------------
-
-
-def _normalise_on_device(batch, preprocessor: ImagePreprocessor, dtype):
-    """uint8 (N, 3, H, W) on the device -> the model's normalised input."""
-    import torch
-
-    x = batch.to(torch.float32)
-    if preprocessor.do_rescale:
-        x = x * preprocessor.rescale_factor
-    if preprocessor.do_normalize:
-        mean = torch.tensor(preprocessor.image_mean, device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(preprocessor.image_std, device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
-    return x.to(dtype)
-
-
-def _image_features(encoder, pixels) -> np.ndarray:
-    import torch
-
-    with torch.inference_mode():
-        features = encoder.model.get_image_features(pixel_values=pixels).pooler_output
-        features = torch.nn.functional.normalize(features.float(), p=2, dim=-1)
-    return features.cpu().numpy().astype(np.float32, copy=False)
-
-
 _BULK_TABLE = "bulk_embedding_in"
 
 
@@ -239,10 +102,7 @@ def insert_vectors(model, target: str, rows: list[tuple[int, bytes]]) -> None:
     (the vectors are not escaped, the statement is not parsed per row). Must
     run inside a transaction (the temporary table is emptied in it).
     """
-    from django.db import connection
-    from django.utils import timezone
 
-    from embeddings.models import Embedding
 
     if target not in ("asset", "caption"):
         raise ValueError(f"target must be 'asset' or 'caption', got {target!r}")
@@ -287,35 +147,27 @@ def embed_assets_bulk(
     batch_size: int | None = None,
     workers: int | None = None,
     store_chunk: int = 2000,
-    index: str = "schedule",
+    index: str = "none",
     progress=None,
     jpeg_draft: bool | None = None,
-) -> BulkResult:
+) -> BulkEmbeddingResult:
     """Embed the images (and captions) of ``asset_ids`` that have no vector for
-    ``model`` (default: the active model); returns a :class:`BulkResult`.
+    ``model`` (default: the active model); returns a :class:`BulkEmbeddingResult`.
 
     ``index``: ``"sync"`` brings the indices up to date before returning,
-    ``"schedule"`` queues one sync after commit, ``"none"`` leaves it.
+    ``"none"`` leaves that to the caller (``search.tasks.schedule_index_sync``).
     ``workers=0`` decodes in this process. ``progress`` is called with the
     number of images done after each batch. ``jpeg_draft`` (default: the
     ``INGEST_JPEG_DRAFT`` setting) decodes JPEGs at a reduced scale on the GPU
-    path (see :func:`_resized_uint8`). Idempotent, like ``embed_asset``:
+    path (see :func:`resized_uint8`). Idempotent, like ``embed_asset``:
     assets deleted meanwhile are skipped and unreadable images are marked
     failed with their reason.
     """
     import torch
-    from django.db import transaction
-    from django.db.models import Case, Value, When
 
-    from search.models import Caption, ImageAsset
 
-    from search.locking import lock_assets
-
-    from embeddings.models import Embedding
-    from embeddings.services import active_model, encoder_for, mark_complete
-
-    if index not in ("sync", "schedule", "none"):
-        raise ValueError(f"index must be 'sync', 'schedule' or 'none', got {index!r}")
+    if index not in ("sync", "none"):
+        raise ValueError(f"index must be 'sync' or 'none', got {index!r}")
     started = time.perf_counter()
     model = model or active_model()
     encoder = encoder_for(model)
@@ -326,7 +178,7 @@ def embed_assets_bulk(
     gpu_path = cuda and getattr(encoder, "backend", "torch") == "torch"
     batch_size = int(batch_size or default_batch_size(device))
     workers = default_workers(device) if workers is None else max(0, int(workers))
-    result = BulkResult(workers=workers, batch_size=batch_size, device=device)
+    result = BulkEmbeddingResult(workers=workers, batch_size=batch_size, device=device)
 
     wanted = sorted({int(i) for i in asset_ids})
     done = set(
@@ -358,7 +210,7 @@ def embed_assets_bulk(
         encoder.load()
         from django.conf import settings
 
-        dataset = _ImageFiles(
+        dataset = ImageFiles(
             items, encoder.preprocessor, uint8=gpu_path,
             max_bytes=getattr(settings, "UPLOAD_MAX_BYTES", None),
             max_pixels=getattr(settings, "UPLOAD_MAX_PIXELS", None),
@@ -368,11 +220,11 @@ def embed_assets_bulk(
             dataset,
             batch_size=batch_size,
             num_workers=workers,
-            collate_fn=_collate,
+            collate_fn=collate,
             pin_memory=gpu_path,
             prefetch_factor=4 if workers else None,
             persistent_workers=False,
-            worker_init_fn=None if cuda else _lower_priority,
+            worker_init_fn=None if cuda else lower_priority,
         )
         for batch in loader:
             if result.first_batch_seconds is None:
@@ -386,8 +238,8 @@ def embed_assets_bulk(
             pixels = batch["pixels"]
             if gpu_path:
                 pixels = pixels.to(device, non_blocking=True)
-                pixels = _normalise_on_device(pixels, encoder.preprocessor, next(encoder.model.parameters()).dtype)
-                vectors = _image_features(encoder, pixels)
+                pixels = normalise_on_device(pixels, encoder.preprocessor, next(encoder.model.parameters()).dtype)
+                vectors = encoder.encode_device_pixels(pixels)
             else:
                 vectors = encoder.encode_pixels(pixels.numpy(), batch_size=len(pixels))
             result.seconds["model"] += time.perf_counter() - t0
@@ -435,13 +287,9 @@ def embed_assets_bulk(
     if embedded or result.captions:
         t0 = time.perf_counter()
         if index == "sync":
-            from search.indexing import sync_indices
+            from search.index_sync import sync_indices
 
             sync_indices(model)
-        elif index == "schedule":
-            from search.indexing import schedule_index_sync
-
-            schedule_index_sync(model.pk)
         result.seconds["index"] = time.perf_counter() - t0
     result.wall_seconds = time.perf_counter() - started
     failures = defaultdict(int)
