@@ -17,6 +17,8 @@ import logging
 from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
+from embeddings import services
+
 log = logging.getLogger(__name__)
 
 
@@ -26,7 +28,6 @@ TRANSIENT = (OperationalError, InterfaceError, ConnectionError, TimeoutError)
 @shared_task(bind=True, acks_late=False, time_limit=24 * 3600, soft_time_limit=24 * 3600 - 60)
 def train_model(self, options: dict, name: str | None = None, activate: bool = False) -> dict:
     """Fine-tune (or train from scratch) and register the checkpoint; progress in the task state."""
-    from embeddings import services
 
     def report(fraction, info):
         self.update_state(state="PROGRESS", meta={"percent": round(100 * fraction, 1),

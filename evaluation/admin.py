@@ -3,8 +3,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from embeddings.services import NoActiveModel
-
-from evaluation import datasets, services
+from evaluation import datasets, services, tasks
 from evaluation.forms import BenchmarkRunAdminForm
 from evaluation.models import BenchmarkRun
 
@@ -55,7 +54,7 @@ class BenchmarkRunAdmin(admin.ModelAdmin):
         prepared.requested_by = request.user
         for field in BenchmarkRun._meta.concrete_fields:
             setattr(obj, field.attname, getattr(prepared, field.attname))
-        services.queue_run(obj)
+        tasks.queue_benchmark(obj)
         messages.info(request, "The benchmark is queued; follow it on the benchmarks page.")
 
     def save_related(self, request, form, formsets, change):
@@ -66,7 +65,7 @@ class BenchmarkRunAdmin(admin.ModelAdmin):
         queued = 0
         for run in queryset:
             try:
-                services.rerun(run, user=request.user)
+                tasks.queue_benchmark(services.rerun_of(run, user=request.user))
                 queued += 1
             except (datasets.DatasetError, NoActiveModel) as exc:
                 self.message_user(request, f"Run {run.pk}: {exc}", messages.ERROR)

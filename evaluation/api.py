@@ -6,10 +6,9 @@ from rest_framework.response import Response
 
 from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
-from search.api.views import IsStaffOrReadOnly
-
-from evaluation import datasets, services
+from evaluation import datasets, services, tasks
 from evaluation.models import BenchmarkRun
+from search.api.views import IsStaffOrReadOnly
 
 
 class BenchmarkRunSerializer(serializers.ModelSerializer):
@@ -82,5 +81,5 @@ class BenchmarkRunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixi
     def create(self, request, *args, **kwargs):
         launch = BenchmarkLaunchSerializer(data=request.data, context={"request": request})
         launch.is_valid(raise_exception=True)
-        run = services.queue_run(launch.prepared)
+        run = tasks.queue_benchmark(launch.prepared)
         return Response(self.get_serializer(run).data, status=status.HTTP_201_CREATED)

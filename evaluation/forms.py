@@ -3,7 +3,6 @@ from django.core.exceptions import ValidationError
 
 from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
-
 from evaluation import datasets, services
 from evaluation.models import BenchmarkRun
 

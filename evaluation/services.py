@@ -44,23 +44,19 @@ from dataclasses import dataclass, field
 import numpy as np
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import transaction
 from django.utils import timezone
 
 from embeddings.core.siglip import TEXT_MAX_LENGTH
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import active_model, encoder_for
 from evaluation import datasets
-from evaluation.core import metrics
+from evaluation.core import metrics, plots
 from evaluation.models import BenchmarkRun
-from search.asset_vectors import assets_missing_vectors as missing_vectors_query
-from search.asset_vectors import embed_asset
+from search.asset_vectors import assets_missing_vectors, embed_asset
 from search.index_sync import stored_vectors, sync_indices
 from search.models import Caption, ImageAsset, IndexBuild, normalise_text
 from search.queries import clean_text_query
 from search.serving import loaded_indices
-from evaluation.tasks import run_benchmark as task
-from evaluation.core import plots
 
 log = logging.getLogger(__name__)
 
@@ -123,23 +119,17 @@ def prepare_run(
     )
 
 
-def queue_run(run: BenchmarkRun) -> BenchmarkRun:
-    """Save the run and hand it to a worker once the transaction commits."""
-
+def save_queued(run: BenchmarkRun) -> BenchmarkRun:
+    """Save the run as queued; the caller hands it to a worker (``evaluation.tasks.queue_benchmark``)."""
     run.status = BenchmarkRun.Status.QUEUED
     run.save()
-    transaction.on_commit(lambda: task.delay(run.pk))
     return run
 
 
-def launch(**params) -> BenchmarkRun:
-    return queue_run(prepare_run(**params))
-
-
-def rerun(run: BenchmarkRun, user=None) -> BenchmarkRun:
-    """A new queued run with the parameters of ``run``, on the currently active model."""
-    return launch(dataset=run.dataset, path=run.dataset_path, split=run.split, limit=run.limit,
-                  collection=run.collection, user=user)
+def rerun_of(run: BenchmarkRun, user=None) -> BenchmarkRun:
+    """A new run (not saved yet) with the parameters of ``run``, on the currently active model."""
+    return prepare_run(dataset=run.dataset, path=run.dataset_path, split=run.split, limit=run.limit,
+                       collection=run.collection, user=user)
 
 
 # --- Progress ----------------------------------------------------------------------
@@ -255,10 +245,10 @@ def build_gallery(dataset: datasets.Dataset, asset_ids: list[int]) -> Gallery:
     )
 
 
-def assets_missing_vectors(model: EmbeddingModel, asset_ids) -> list[int]:
+def unembedded_among(model: EmbeddingModel, asset_ids) -> list[int]:
     """Of the given assets, those whose image or any caption has no vector for the model, in order."""
     wanted = [int(i) for i in asset_ids]
-    missing = set(missing_vectors_query(model).filter(pk__in=wanted).values_list("pk", flat=True))
+    missing = set(assets_missing_vectors(model).filter(pk__in=wanted).values_list("pk", flat=True))
     return [i for i in wanted if i in missing]
 
 
@@ -319,7 +309,7 @@ def _run_retrieval(run: BenchmarkRun, report: Reporter) -> None:
     _save(run, "split", "collection", "gallery_images", "gallery_captions", "extra")
 
     # 2. Vectors for every gallery asset.
-    missing = assets_missing_vectors(model, gallery.image_ids)
+    missing = unembedded_among(model, gallery.image_ids)
     embed_progress = report.span(15, 45, "embedding images")
     started = time.perf_counter()
     for done, asset_id in enumerate(missing, 1):

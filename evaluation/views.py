@@ -5,11 +5,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_http_methods
 
 from evaluation import datasets
-
 from evaluation.core import plots
 from evaluation.forms import BenchmarkForm
 from evaluation.models import BenchmarkRun
-from evaluation.services import queue_run
+from evaluation.tasks import queue_benchmark
 
 HISTORY_ROWS = 200
 REFRESH_SECONDS = 5
@@ -30,7 +29,7 @@ def history(request):
             return HttpResponseForbidden("Launching a benchmark needs a staff account.")
         form = BenchmarkForm(request.POST, user=request.user)
         if form.is_valid():
-            run = queue_run(form.prepared)
+            run = queue_benchmark(form.prepared)
             return redirect("benchmark-detail", pk=run.pk)
         status = 400
     elif request.user.is_staff:

@@ -118,7 +118,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "search.context_processors.active_model",
+                "search.context_processors.active_model_context",
             ],
         },
     },

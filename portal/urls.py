@@ -2,22 +2,22 @@ from django.conf import settings
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.templatetags.static import static
+from django.urls import include, path, re_path
 from django.views.decorators.http import require_safe
 from django.views.generic.base import RedirectView
-from django.urls import include, path, re_path
 from django.views.static import serve
 
-from evaluation import views as evaluation_views
+import evaluation.views
+import search.views
 from portal import middleware
-from search import views as search_views
 
 # Outages (database, Valkey) anywhere in a request become a 503; API errors stay JSON.
 handler500 = "portal.middleware.server_error"
 handler400 = "portal.middleware.bad_request"
 
 urlpatterns = [
-    path("", search_views.home, name="home"),
-    path("benchmarks/", evaluation_views.history, name="benchmarks"),
+    path("", search.views.home, name="home"),
+    path("benchmarks/", evaluation.views.history, name="benchmarks"),
     path("benchmarks/", include("evaluation.urls")),
     path("admin/", admin.site.urls),
     path("api/", include("search.api.urls")),

@@ -30,6 +30,11 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+from django.db import connection, transaction
+from django.db.models import Case, Value, When
+from django.utils import timezone
+
 from embeddings.core.batches import (
     ImageFiles,
     collate,
@@ -38,13 +43,10 @@ from embeddings.core.batches import (
     lower_priority,
     normalise_on_device,
 )
-from django.db import connection
-from django.utils import timezone
 from embeddings.models import Embedding
-from django.db import transaction
-from django.db.models import Case, Value, When
 from embeddings.services import active_model, encoder_for
 from search.asset_vectors import mark_complete
+from search.index_sync import sync_indices
 from search.locking import lock_assets
 from search.models import Caption, ImageAsset
 
@@ -287,8 +289,6 @@ def embed_assets_bulk(
     if embedded or result.captions:
         t0 = time.perf_counter()
         if index == "sync":
-            from search.index_sync import sync_indices
-
             sync_indices(model)
         result.seconds["index"] = time.perf_counter() - t0
     result.wall_seconds = time.perf_counter() - started

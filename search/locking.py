@@ -35,6 +35,8 @@ import time
 
 from django.db import OperationalError, connection
 
+from search.models import ImageAsset
+
 log = logging.getLogger(__name__)
 
 # First key of the two-key advisory locks on image contents; index locks use one-key locks,
@@ -62,7 +64,6 @@ def lock_content(digest: str) -> None:
 
 def lock_assets(ids) -> list[int]:
     """Lock these asset rows (ascending id) until the transaction ends; the ids still there."""
-    from search.models import ImageAsset
 
     if not connection.in_atomic_block:
         raise RuntimeError("lock_assets needs a transaction")

@@ -10,7 +10,7 @@ from rest_framework.views import APIView
 
 from embeddings.services import active_model
 from search import curation, queries, tasks, validation
-from search.api import serializers as s
+from search.api import serializers
 from search.api.access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
 from search.models import ImageAsset
 
@@ -22,18 +22,18 @@ class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     """Image assets with their captions. Uploads, deletions and re-indexing need a staff account."""
 
     queryset = ImageAsset.objects.prefetch_related("captions")
-    serializer_class = s.AssetSerializer
+    serializer_class = serializers.AssetSerializer
     permission_classes = [SearchAllowed, IsStaffOrReadOnly]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
 
     def get_throttles(self):
         return [UploadThrottle()] if self.action == "create" else []
 
-    @extend_schema(request={"multipart/form-data": s.AssetUploadSerializer}, responses={201: s.AssetSerializer, 200: s.AssetSerializer})
+    @extend_schema(request={"multipart/form-data": serializers.AssetUploadSerializer}, responses={201: serializers.AssetSerializer, 200: serializers.AssetSerializer})
     def create(self, request, *args, **kwargs):
         if len(request.FILES.getlist("image")) > 1:
             raise ValidationError({"image": ["Send one image per request (or use the admin's bulk upload)."]})
-        upload = s.AssetUploadSerializer(data=request.data)
+        upload = serializers.AssetUploadSerializer(data=request.data)
         upload.is_valid(raise_exception=True)
         data = upload.validated_data
         result = curation.ingest_image(
@@ -87,14 +87,14 @@ class TextSearchView(APIView):
     throttle_classes = SEARCH_THROTTLES
     parser_classes = [JSONParser, FormParser]
 
-    @extend_schema(request=s.TextSearchRequestSerializer, responses=s.TextSearchResponseSerializer)
+    @extend_schema(request=serializers.TextSearchRequestSerializer, responses=serializers.TextSearchResponseSerializer)
     def post(self, request):
         started = time.perf_counter()
-        params = s.TextSearchRequestSerializer(data=request.data)
+        params = serializers.TextSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         result = queries.search_text(params.validated_data["query"], params.validated_data["k"])
         searched = time.perf_counter()
-        return _timed(Response(s.search_response(result, request, captions=False)), result, started, searched)
+        return _timed(Response(serializers.search_response(result, request, captions=False)), result, started, searched)
 
 
 class ImageSearchView(APIView):
@@ -104,11 +104,11 @@ class ImageSearchView(APIView):
     throttle_classes = SEARCH_THROTTLES
     parser_classes = [MultiPartParser, FormParser, JSONParser]
 
-    @extend_schema(request={"multipart/form-data": s.ImageSearchRequestSerializer,
-                            "application/json": s.ImageSearchRequestSerializer},
-                   responses=s.ImageSearchResponseSerializer)
+    @extend_schema(request={"multipart/form-data": serializers.ImageSearchRequestSerializer,
+                            "application/json": serializers.ImageSearchRequestSerializer},
+                   responses=serializers.ImageSearchResponseSerializer)
     def post(self, request):
-        params = s.ImageSearchRequestSerializer(data=request.data)
+        params = serializers.ImageSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
         started = time.perf_counter()
@@ -117,4 +117,4 @@ class ImageSearchView(APIView):
         else:
             result = queries.search_asset(data["asset_id"], data["k"])
         searched = time.perf_counter()
-        return _timed(Response(s.search_response(result, request, captions=True)), result, started, searched)
+        return _timed(Response(serializers.search_response(result, request, captions=True)), result, started, searched)

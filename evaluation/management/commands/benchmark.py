@@ -4,7 +4,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
-from evaluation import datasets, services
+from evaluation import datasets, services, tasks
 from evaluation.models import BenchmarkRun
 
 POLL_SECONDS = 1.0
@@ -40,7 +40,7 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
         if options["queue"]:
-            services.queue_run(run)
+            tasks.queue_benchmark(run)
             self.stdout.write(f"Benchmark run {run.pk} queued ({run.dataset} {run.split}, model {run.model_name}).")
             if not options["wait"]:
                 return
