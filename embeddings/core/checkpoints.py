@@ -38,12 +38,13 @@ __all__ = [
     "train_sentencepiece_tokenizer",
 ]
 
+from embeddings.core.siglip import TEXT_MAX_LENGTH
+
 # SigLIP's SentencePiece vocabulary starts with these three pieces; the
 # tokenizer pads with the end-of-sequence token, like the released models.
 PAD_PIECE, EOS_PIECE, UNK_PIECE = "<pad>", "</s>", "<unk>"
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
-TEXT_MAX_LENGTH = 64
 DEFAULT_TINY_IMAGE_SIZE = 32
 
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)

@@ -579,15 +579,8 @@ class SiglipEncoder:
         pixel_values = np.asarray(pixel_values, dtype=np.float32)
         if pixel_values.ndim != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must have shape (N, 3, H, W), got {pixel_values.shape}")
-        if len(pixel_values) == 0:
-            return self._empty()
-        batch_size = max(1, int(batch_size))
         tower = self._towers["image"]
-        out = [
-            tower(np.ascontiguousarray(pixel_values[start : start + batch_size]))
-            for start in range(0, len(pixel_values), batch_size)
-        ]
-        return np.concatenate(out)
+        return self._in_batches(pixel_values, batch_size, lambda part: tower(np.ascontiguousarray(part)))
 
     def encode_device_pixels(self, pixels) -> np.ndarray:
         """A batch of normalised pixels already on the model's device (a torch tensor in its
@@ -604,15 +597,8 @@ class SiglipEncoder:
         """Images (bytes, paths, file objects or PIL images) -> (N, dim)
         float32 unit vectors."""
         self.load()
-        images = list(images)
-        if not images:
-            return self._empty()
-        batch_size = max(1, int(batch_size))
-        out = [
-            self.encode_pixels(self.preprocessor(images[start : start + batch_size]), batch_size)
-            for start in range(0, len(images), batch_size)
-        ]
-        return np.concatenate(out)
+        return self._in_batches(list(images), batch_size,
+                                lambda part: self.encode_pixels(self.preprocessor(part), batch_size))
 
     def encode_token_ids(self, input_ids: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """(N, 64) token ids (as from :meth:`tokenize`) -> (N, dim) float32 unit vectors."""
@@ -620,28 +606,24 @@ class SiglipEncoder:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must have shape (N, length), got {input_ids.shape}")
-        if len(input_ids) == 0:
-            return self._empty()
-        batch_size = max(1, int(batch_size))
         tower = self._towers["text"]
-        out = [
-            tower(np.ascontiguousarray(input_ids[start : start + batch_size]))
-            for start in range(0, len(input_ids), batch_size)
-        ]
-        return np.concatenate(out)
+        return self._in_batches(input_ids, batch_size, lambda part: tower(np.ascontiguousarray(part)))
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Texts -> (N, dim) float32 unit vectors."""
         texts = _as_text_list(texts)
         self.load()
-        if not texts:
+        return self._in_batches(texts, batch_size,
+                                lambda part: self.encode_token_ids(self.token_ids(part), batch_size))
+
+    def _in_batches(self, items, batch_size: int, encode) -> np.ndarray:
+        """``encode`` over consecutive slices of at most ``batch_size`` items, stacked:
+        (N, dim) float32 unit vectors; (0, dim) for no items."""
+        if len(items) == 0:
             return self._empty()
         batch_size = max(1, int(batch_size))
-        out = [
-            self.encode_token_ids(self.token_ids(texts[start : start + batch_size]), batch_size)
-            for start in range(0, len(texts), batch_size)
-        ]
-        return np.concatenate(out)
+        return np.concatenate([encode(items[start : start + batch_size])
+                               for start in range(0, len(items), batch_size)])
 
 
 _ENCODERS: dict[tuple, SiglipEncoder] = {}

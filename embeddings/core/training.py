@@ -66,13 +66,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from evaluation.core.metrics import retrieval_metrics
-from embeddings.core.siglip import SiglipEncoder
-from embeddings.core.checkpoints import canonicalize_text
-from embeddings.core.checkpoints import tiny_siglip_config, train_sentencepiece_tokenizer
-from embeddings.core.checkpoints import save_checkpoint
-from embeddings.core.siglip import ImagePreprocessor
+
 from embeddings.core import synthetic
+from embeddings.core.checkpoints import (
+    canonicalize_text,
+    save_checkpoint,
+    tiny_siglip_config,
+    train_sentencepiece_tokenizer,
+)
+from embeddings.core.siglip import TEXT_MAX_LENGTH, ImagePreprocessor, SiglipEncoder
+from evaluation.core.metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +93,6 @@ __all__ = [
     "train",
 ]
 
-TEXT_MAX_LENGTH = 64
 STATE_FILE = "training_state.pt"
 HISTORY_FILE = "training_history.json"
 DEMO_METRICS_FILE = "demo_metrics.json"

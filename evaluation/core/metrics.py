@@ -120,14 +120,20 @@ def _check_ks(ks: Iterable[int]) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _check_scores(scores, name: str = "scores") -> np.ndarray:
-    scores = np.asarray(scores)
-    if scores.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array, got shape {scores.shape}")
-    if scores.dtype == np.bool_ or not (
-        np.issubdtype(scores.dtype, np.floating) or np.issubdtype(scores.dtype, np.integer)
+def _real_matrix(values, name: str) -> np.ndarray:
+    """``values`` as a 2-D array of real numbers (not booleans), or a ValueError naming it."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D array, got shape {values.shape}")
+    if values.dtype == np.bool_ or not (
+        np.issubdtype(values.dtype, np.floating) or np.issubdtype(values.dtype, np.integer)
     ):
-        raise ValueError(f"{name} must hold real numbers, got dtype {scores.dtype}")
+        raise ValueError(f"{name} must hold real numbers, got dtype {values.dtype}")
+    return values
+
+
+def _check_scores(scores, name: str = "scores") -> np.ndarray:
+    scores = _real_matrix(scores, name)
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"{name} must not be empty, got shape {scores.shape}")
     return scores
@@ -363,13 +369,7 @@ def image_to_text(scores: np.ndarray, text_to_image: np.ndarray, ks: Sequence[in
 
 
 def _check_embeddings(emb, name: str) -> np.ndarray:
-    emb = np.asarray(emb)
-    if emb.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D array, got shape {emb.shape}")
-    if emb.dtype == np.bool_ or not (
-        np.issubdtype(emb.dtype, np.floating) or np.issubdtype(emb.dtype, np.integer)
-    ):
-        raise ValueError(f"{name} must hold real numbers, got dtype {emb.dtype}")
+    emb = _real_matrix(emb, name)
     if emb.shape[0] == 0:
         raise ValueError(f"{name} must not be empty")
     if not np.issubdtype(emb.dtype, np.floating):
