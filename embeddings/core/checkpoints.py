@@ -29,6 +29,8 @@ from transformers import (
 )
 from transformers.image_utils import PILImageResampling
 
+from embeddings.core.siglip import TEXT_MAX_LENGTH
+
 __all__ = [
     "DEFAULT_TINY_IMAGE_SIZE",
     "build_random_checkpoint",
@@ -37,8 +39,6 @@ __all__ = [
     "tiny_siglip_config",
     "train_sentencepiece_tokenizer",
 ]
-
-from embeddings.core.siglip import TEXT_MAX_LENGTH
 
 # SigLIP's SentencePiece vocabulary starts with these three pieces; the
 # tokenizer pads with the end-of-sequence token, like the released models.
