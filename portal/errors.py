@@ -1,7 +1,6 @@
 """Every API error is JSON with a reason: {"detail": "..."}; never a 500 for bad input."""
 
 from django.core.exceptions import (
-    ObjectDoesNotExist,
     RequestDataTooBig,
     SuspiciousOperation,
     TooManyFieldsSent,
@@ -11,20 +10,14 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from embeddings.core.siglip import ModelNotAvailable
-from embeddings.services import NoActiveModel
 from portal.middleware import UNAVAILABLE, log_unavailable, unavailable_status
-from search.queries import InvalidQuery
-from search.validation import InvalidUpload
+from search.errors import refusal
 
 
 def exception_handler(exc, context):
-    if isinstance(exc, (InvalidQuery, InvalidUpload)):
-        return Response({"detail": str(exc)}, status=status.HTTP_400_BAD_REQUEST)
-    if isinstance(exc, ObjectDoesNotExist):
-        return Response({"detail": str(exc) or "Not found."}, status=status.HTTP_404_NOT_FOUND)
-    if isinstance(exc, (NoActiveModel, ModelNotAvailable)):
-        return Response({"detail": str(exc)}, status=status.HTTP_503_SERVICE_UNAVAILABLE)
+    refused = refusal(exc)
+    if refused is not None:
+        return Response({"detail": refused[1]}, status=refused[0])
     if isinstance(exc, UNAVAILABLE):
         code, reason, wait = unavailable_status(exc)
         log_unavailable(context["request"], exc, code)

@@ -1,14 +1,12 @@
 from django.contrib.auth.views import redirect_to_login
-from django.core.exceptions import ObjectDoesNotExist
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
 
-from embeddings.core.siglip import ModelNotAvailable
-from embeddings.services import NoActiveModel
 from search import queries
+from search.errors import REFUSED, refusal
 from search.api.access import SEARCH_THROTTLES, check_throttles, search_allowed
 from search.forms import ImageSearchForm, TextSearchForm
-from search.validation import InvalidUpload, read_upload
+from search.validation import read_upload
 
 DEFAULT_K = 12
 
@@ -48,10 +46,6 @@ def home(request):
                 context["mode"] = "text"
             else:
                 status = 400
-    except (queries.InvalidQuery, InvalidUpload) as exc:
-        context["error"], status = str(exc), 400
-    except ObjectDoesNotExist as exc:
-        context["error"], status = str(exc) or "Not found.", 404
-    except (NoActiveModel, ModelNotAvailable) as exc:
-        context["error"], status = str(exc), 503
+    except REFUSED as exc:
+        status, context["error"] = refusal(exc)
     return render(request, "search/home.html", context, status=status)
