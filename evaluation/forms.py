@@ -9,7 +9,28 @@ from evaluation.models import BenchmarkRun
 DATASET_CHOICES = [("auto", "detect from the file")] + [(k, datasets.KIND_LABELS[k]) for k in datasets.KINDS]
 
 
-class LaunchFields(forms.Form):
+class PreparesRun:
+    """``clean`` prepares the benchmark run from the form's parameters (``self.prepared``),
+    or names the field a refusal belongs to."""
+
+    user = None
+
+    def prepare(self, data: dict, **extra) -> dict:
+        if self.errors:
+            return data
+        try:
+            self.prepared = services.prepare_run(
+                dataset=data["dataset"], path=data["path"], split=data.get("split") or "",
+                limit=data.get("limit"), model=data.get("model"), **extra,
+            )
+        except datasets.DatasetError as exc:
+            raise ValidationError({"path": str(exc)}) from exc
+        except NoActiveModel as exc:
+            raise ValidationError({"model": str(exc)}) from exc
+        return data
+
+
+class LaunchFields(PreparesRun, forms.Form):
     """The parameters of a retrieval benchmark; ``clean`` prepares the run."""
 
     dataset = forms.ChoiceField(choices=DATASET_CHOICES, initial="auto")
@@ -30,26 +51,14 @@ class LaunchFields(forms.Form):
         self.prepared: BenchmarkRun | None = None
 
     def clean(self):
-        data = super().clean()
-        if self.errors:
-            return data
-        try:
-            self.prepared = services.prepare_run(
-                dataset=data["dataset"], path=data["path"], split=data.get("split") or "",
-                limit=data.get("limit"), model=data.get("model"), user=self.user,
-            )
-        except datasets.DatasetError as exc:
-            raise ValidationError({"path": str(exc)}) from exc
-        except NoActiveModel as exc:
-            raise ValidationError({"model": str(exc)}) from exc
-        return data
+        return self.prepare(super().clean(), user=self.user)
 
 
 class BenchmarkForm(LaunchFields):
     """The launch form of the benchmarks page."""
 
 
-class BenchmarkRunAdminForm(forms.ModelForm):
+class BenchmarkRunAdminForm(PreparesRun, forms.ModelForm):
     """The admin's add form: the launch parameters; the run is queued when saved."""
 
     dataset = LaunchFields.base_fields["dataset"]
@@ -64,15 +73,4 @@ class BenchmarkRunAdminForm(forms.ModelForm):
 
     def clean(self):
         data = super().clean()
-        if self.errors:
-            return data
-        try:
-            self.prepared = services.prepare_run(
-                dataset=data["dataset"], path=data["path"], split=data.get("split") or "",
-                limit=data.get("limit"), collection=data.get("collection") or "", model=data.get("model"),
-            )
-        except datasets.DatasetError as exc:
-            raise ValidationError({"path": str(exc)}) from exc
-        except NoActiveModel as exc:
-            raise ValidationError({"model": str(exc)}) from exc
-        return data
+        return self.prepare(data, collection=data.get("collection") or "")
