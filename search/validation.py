@@ -18,6 +18,7 @@ from django.core.files.uploadedfile import UploadedFile
 from django.core.files.uploadhandler import FileUploadHandler
 from PIL import Image, UnidentifiedImageError
 
+from embeddings.core.limits import too_large, too_many_pixels
 from search.models import normalise_text
 
 ALLOWED_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF"}
@@ -44,8 +45,7 @@ class InvalidUpload(ValueError):
 
 
 def too_large_message(size: int, limit: int | None = None) -> str:
-    limit = settings.UPLOAD_MAX_BYTES if limit is None else limit
-    return f"The file is {size:,} bytes; the limit is {limit:,} bytes."
+    return too_large(size, settings.UPLOAD_MAX_BYTES if limit is None else limit)
 
 
 def upload_limit(file_name: str) -> int:
@@ -141,10 +141,8 @@ def inspect_image(data: bytes, *, keep_decoded: bool = False) -> ImageInfo:
     ``ImageInfo.image``, so a search need not decode the upload a second time."""
     if not data:
         raise InvalidUpload("The file is empty.")
-    if len(data) > settings.UPLOAD_MAX_BYTES:
-        raise InvalidUpload(
-            f"The file is {len(data):,} bytes; the limit is {settings.UPLOAD_MAX_BYTES:,} bytes."
-        )
+    if too_large(len(data), settings.UPLOAD_MAX_BYTES):
+        raise InvalidUpload(too_large_message(len(data)))
     try:
         # Only the allowed formats' parsers ever see the bytes.
         with Image.open(io.BytesIO(data), formats=sorted(ALLOWED_FORMATS)) as img:
@@ -153,10 +151,9 @@ def inspect_image(data: bytes, *, keep_decoded: bool = False) -> ImageInfo:
             if fmt not in ALLOWED_FORMATS:
                 raise InvalidUpload(f"The file is not a readable image: {fmt} is not allowed ({ALLOWED_LIST}).")
             # Checked from the header, before any pixel is decoded.
-            if width * height > settings.UPLOAD_MAX_PIXELS:
-                raise InvalidUpload(
-                    f"The image is {width}×{height} pixels; the limit is {settings.UPLOAD_MAX_PIXELS:,} pixels."
-                )
+            refused = too_many_pixels(width, height, settings.UPLOAD_MAX_PIXELS)
+            if refused:
+                raise InvalidUpload(refused)
             if width < 1 or height < 1:
                 raise InvalidUpload("The file is not a readable image: it has no pixels.")
             img.load()  # decodes the first frame fully: truncated files fail here

@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from embeddings.core.limits import too_large, too_many_pixels
 from embeddings.core.siglip import ImagePreprocessor, load_image
 
 
@@ -54,8 +55,9 @@ def resized_uint8(preprocessor: ImagePreprocessor, data: bytes, draft: bool = Fa
 
 def check_header(data: bytes, max_bytes: int | None, max_pixels: int | None) -> None:
     """The upload caps (bytes, pixels from the header) before anything is decoded."""
-    if max_bytes is not None and len(data) > max_bytes:
-        raise ValueError(f"the file is {len(data):,} bytes; the limit is {max_bytes:,}")
+    refused = too_large(len(data), max_bytes)
+    if refused:
+        raise ValueError(refused)
     if max_pixels is not None:
         from PIL import Image, UnidentifiedImageError
 
@@ -64,8 +66,9 @@ def check_header(data: bytes, max_bytes: int | None, max_pixels: int | None) -> 
                 width, height = img.size
         except (UnidentifiedImageError, OSError, SyntaxError) as exc:
             raise ValueError(f"cannot decode image: {exc}") from exc
-        if width * height > max_pixels:
-            raise ValueError(f"the image is {width}x{height} pixels; the limit is {max_pixels:,}")
+        refused = too_many_pixels(width, height, max_pixels)
+        if refused:
+            raise ValueError(refused)
 
 
 class ImageFiles:
