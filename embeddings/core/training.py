@@ -511,191 +511,219 @@ def train(config: TrainConfig, on_progress: ProgressCallback | None = None) -> T
 
 
 def _train(config: TrainConfig, on_progress: ProgressCallback | None) -> TrainResult:
-    from tqdm import tqdm
-    from transformers import AutoTokenizer, SiglipModel
+    """The stages of a training run: prepare (data, model, optimiser, or a resumed state),
+    then epochs of steps, each followed by an evaluation and a save when due, then the
+    final measurement."""
+    run = _TrainingRun(config, on_progress)
+    run.fit()
+    return run.finish()
 
 
-    started = time.perf_counter()
-    out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    workers = config.preprocess_workers or (os.cpu_count() or 1)
-    state_path = out_dir / STATE_FILE
+class _TrainingRun:
+    """One training run's state, advanced by its stages."""
 
-    train_data = load_karpathy(config.data, config.train_splits, config.image_root)
-    if len(train_data) < 2:
-        raise ValueError(f"{config.data} has fewer than 2 images in the splits {config.train_splits}")
-    train_texts = [t for caps in train_data.captions for t in caps]
+    def __init__(self, config: TrainConfig, on_progress: ProgressCallback | None):
+        from transformers import AutoTokenizer, SiglipModel
 
-    state = None
-    if config.resume and state_path.exists():
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
-        model = SiglipModel.from_pretrained(str(out_dir), dtype=torch.float32)
-        logger.info("resuming from step %d in %s", state["step"], out_dir)
-    else:
-        model, tokenizer = _build_model(config, train_texts, out_dir)
-        save_checkpoint(model, tokenizer, out_dir)  # also writes the preprocessing config
-    preprocessor = ImagePreprocessor.from_pretrained(
-        str(out_dir), default_size=int(model.config.vision_config.image_size)
-    )
+        self.config, self.on_progress = config, on_progress
+        self.started = time.perf_counter()
+        self.out_dir = out_dir = Path(config.out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        workers = config.preprocess_workers or (os.cpu_count() or 1)
+        self.state_path = out_dir / STATE_FILE
 
-    _freeze(model, config)
-    cpu_bf16 = bool(config.cpu_bf16)
-    if config.attn_implementation:
-        model.set_attn_implementation(config.attn_implementation)
-    model.to(device)
-    model.train()
+        train_data = load_karpathy(config.data, config.train_splits, config.image_root)
+        if len(train_data) < 2:
+            raise ValueError(f"{config.data} has fewer than 2 images in the splits {config.train_splits}")
+        train_texts = [t for caps in train_data.captions for t in caps]
 
-    train_tensors = _tensors(train_data, preprocessor, tokenizer, "preprocessing train", workers, config.progress)
-    available = _split_names(config.data)
-    eval_tensors = {}
-    for split in config.eval_splits:
-        if split in available:
-            data = load_karpathy(config.data, (split,), config.image_root)
-            eval_tensors[split] = _tensors(data, preprocessor, tokenizer, f"preprocessing {split}", workers, False)
+        state = None
+        if config.resume and self.state_path.exists():
+            state = torch.load(self.state_path, map_location="cpu", weights_only=False)
+            self.tokenizer = AutoTokenizer.from_pretrained(str(out_dir))
+            self.model = SiglipModel.from_pretrained(str(out_dir), dtype=torch.float32)
+            logger.info("resuming from step %d in %s", state["step"], out_dir)
+        else:
+            self.model, self.tokenizer = _build_model(config, train_texts, out_dir)
+            save_checkpoint(self.model, self.tokenizer, out_dir)  # also writes the preprocessing config
+        model = self.model
+        preprocessor = ImagePreprocessor.from_pretrained(
+            str(out_dir), default_size=int(model.config.vision_config.image_size)
+        )
 
-    n_train = len(train_data)
-    batch_size = min(config.batch_size, n_train)
-    steps_per_epoch = max(1, n_train // batch_size)
-    total_steps = config.max_steps or max(1, int(round(config.epochs * steps_per_epoch)))
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_fraction * total_steps)
-    warmup = min(warmup, total_steps)
-    optimizer = _optimizer(model, config)
-    scheduler = _schedule(optimizer, total_steps, warmup, config.min_lr_ratio)
+        _freeze(model, config)
+        self.cpu_bf16 = bool(config.cpu_bf16)
+        if config.attn_implementation:
+            model.set_attn_implementation(config.attn_implementation)
+        model.to(self.device)
+        model.train()
 
-    step, history, train_seconds, train_cpu_seconds = 0, [], 0.0, 0.0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step = int(state["step"])
-        history = list(state.get("history", []))
-        train_seconds = float(state.get("train_seconds", 0.0))
-        train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
-        torch.set_rng_state(state["torch_rng"])
+        self.train_tensors = _tensors(train_data, preprocessor, self.tokenizer, "preprocessing train", workers,
+                                      config.progress)
+        self.available = _split_names(config.data)
+        self.eval_tensors = {}
+        for split in config.eval_splits:
+            if split in self.available:
+                data = load_karpathy(config.data, (split,), config.image_root)
+                self.eval_tensors[split] = _tensors(data, preprocessor, self.tokenizer, f"preprocessing {split}",
+                                                    workers, False)
 
-    def save(completed: bool) -> None:
-        save_checkpoint(model, tokenizer, out_dir)
-        _write_json(out_dir / HISTORY_FILE, {"config": config.to_dict(), "completed": completed,
-                                            "total_steps": total_steps, "history": history})
+        n_train = len(train_data)
+        self.batch_size = min(config.batch_size, n_train)
+        self.steps_per_epoch = max(1, n_train // self.batch_size)
+        self.total_steps = config.max_steps or max(1, int(round(config.epochs * self.steps_per_epoch)))
+        warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_fraction * self.total_steps)
+        warmup = min(warmup, self.total_steps)
+        self.optimizer = _optimizer(model, config)
+        self.scheduler = _schedule(self.optimizer, self.total_steps, warmup, config.min_lr_ratio)
+
+        self.step, self.history, self.train_seconds, self.train_cpu_seconds = 0, [], 0.0, 0.0
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = int(state["step"])
+            self.history = list(state.get("history", []))
+            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.train_cpu_seconds = float(state.get("train_cpu_seconds", 0.0))
+            torch.set_rng_state(state["torch_rng"])
+        self.epoch_losses: list[float] = []
+        self.smoothed = None
+
+    def report(self, info: dict) -> None:
+        if self.on_progress is not None:
+            self.on_progress(float(min(1.0, self.step / self.total_steps)), {"step": self.step,
+                                                                           "total_steps": self.total_steps, **info})
+
+    def save(self, completed: bool) -> None:
+        config = self.config
+        save_checkpoint(self.model, self.tokenizer, self.out_dir)
+        _write_json(self.out_dir / HISTORY_FILE, {"config": config.to_dict(), "completed": completed,
+                                                 "total_steps": self.total_steps, "history": self.history})
         if config.keep_training_state:
             torch.save(
                 {
-                    "step": step,
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "history": history,
-                    "train_seconds": train_seconds,
-                    "train_cpu_seconds": train_cpu_seconds,
+                    "step": self.step,
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "history": self.history,
+                    "train_seconds": self.train_seconds,
+                    "train_cpu_seconds": self.train_cpu_seconds,
                     "torch_rng": torch.get_rng_state(),
                     "config": config.to_dict(),
                 },
-                state_path,
+                self.state_path,
             )
-        elif state_path.exists():
-            state_path.unlink()
+        elif self.state_path.exists():
+            self.state_path.unlink()
 
-    def report(fraction: float, info: dict) -> None:
-        if on_progress is not None:
-            on_progress(float(min(1.0, fraction)), info)
+    def train_step(self, idx: torch.Tensor, cap: torch.Tensor) -> float:
+        """One optimiser step on the images ``idx`` with the captions ``cap``; the loss."""
+        model, config = self.model, self.config
+        t0, c0 = time.perf_counter(), time.process_time()
+        pixels = self.train_tensors.pixels.index_select(0, idx).to(self.device, non_blocking=True)
+        input_ids = self.train_tensors.input_ids.index_select(0, cap).to(self.device, non_blocking=True)
+        with _autocast(self.device, self.cpu_bf16):
+            image_embeds = _image_features(model, pixels)
+            text_embeds = _text_features(model, input_ids)
+        loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale.float(), model.logit_bias.float())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        self.train_seconds += time.perf_counter() - t0
+        self.train_cpu_seconds += time.process_time() - c0
+        value = float(loss.detach())
+        self.epoch_losses.append(value)
+        self.smoothed = value if self.smoothed is None else 0.95 * self.smoothed + 0.05 * value
+        return value
 
-    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not config.progress)
-    last_percent = -1
-    smoothed = None
-    epoch_losses: list[float] = []
-    stopped_early = False
-    while step < total_steps:
-        epoch = step // steps_per_epoch
-        order, captions = _epoch_plan(config.seed, epoch, train_tensors, batch_size)
-        for b in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            t0, c0 = time.perf_counter(), time.process_time()
-            idx = torch.from_numpy(order[b * batch_size : (b + 1) * batch_size])
-            cap = torch.from_numpy(captions[b * batch_size : (b + 1) * batch_size])
-            pixels = train_tensors.pixels.index_select(0, idx).to(device, non_blocking=True)
-            input_ids = train_tensors.input_ids.index_select(0, cap).to(device, non_blocking=True)
-            with _autocast(device, cpu_bf16):
-                image_embeds = _image_features(model, pixels)
-                text_embeds = _text_features(model, input_ids)
-            loss = sigmoid_loss(image_embeds, text_embeds, model.logit_scale.float(), model.logit_bias.float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in model.parameters() if p.requires_grad], config.grad_clip
-                )
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            train_seconds += time.perf_counter() - t0
-            train_cpu_seconds += time.process_time() - c0
+    def evaluate(self, bar) -> None:
+        """Measure every evaluation split now, into the history and the progress report."""
+        metrics = {
+            split: _evaluate(self.model, t, self.device, self.config.eval_max_images)
+            for split, t in self.eval_tensors.items()
+        }
+        entry = {
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "step": self.step,
+            "elapsed_s": round(time.perf_counter() - self.started, 2),
+            "train_s": round(self.train_seconds, 2),
+            "train_cpu_s": round(self.train_cpu_seconds, 2),
+            "loss": float(np.mean(self.epoch_losses)) if self.epoch_losses else None,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "logit_scale": float(self.model.logit_scale.item()),
+            "logit_bias": float(self.model.logit_bias.item()),
+            "metrics": metrics,
+        }
+        self.history.append(entry)
+        self.epoch_losses = []
+        summary = " ".join(
+            f"{s}: t2i R@1 {m['text_to_image']['recall@1']:.3f} R@5 {m['text_to_image']['recall@5']:.3f}"
+            f" i2t R@1 {m['image_to_text']['recall@1']:.3f}"
+            for s, m in metrics.items()
+        )
+        loss_text = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
+        bar.write(f"epoch {entry['epoch']:g} step {self.step} loss {loss_text} train {self.train_seconds:.0f}s {summary}")
+        self.report({"epoch": entry["epoch"], "loss": entry["loss"], "metrics": metrics})
 
-            value = float(loss.detach())
-            epoch_losses.append(value)
-            smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
-            bar.update(1)
-            bar.set_postfix(loss=f"{smoothed:.3f}", t=f"{model.logit_scale.exp().item():.1f}")
-            percent = int(100 * step / total_steps)
-            if percent != last_percent:
-                last_percent = percent
-                report(step / total_steps, {"step": step, "total_steps": total_steps, "epoch": epoch,
-                                            "loss": smoothed})
-            budget_hit = config.time_budget_s is not None and train_seconds >= config.time_budget_s
-            stop_hit = config.stop_at_step is not None and step >= config.stop_at_step
-            if step >= total_steps or budget_hit or stop_hit:
-                stopped_early = step < total_steps
+    def fit(self) -> None:
+        """Epochs of steps until the schedule, the time budget or ``stop_at_step`` ends them."""
+        from tqdm import tqdm
+
+        config, per_epoch, total = self.config, self.steps_per_epoch, self.total_steps
+        bar = tqdm(total=total, initial=self.step, desc="training", unit="step", disable=not config.progress)
+        last_percent = -1
+        stopped_early = False
+        while self.step < total:
+            epoch = self.step // per_epoch
+            order, captions = _epoch_plan(config.seed, epoch, self.train_tensors, self.batch_size)
+            for b in range(self.step - epoch * per_epoch, per_epoch):
+                batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+                self.train_step(torch.from_numpy(order[batch]), torch.from_numpy(captions[batch]))
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.smoothed:.3f}", t=f"{self.model.logit_scale.exp().item():.1f}")
+                percent = int(100 * self.step / total)
+                if percent != last_percent:
+                    last_percent = percent
+                    self.report({"epoch": epoch, "loss": self.smoothed})
+                budget_hit = config.time_budget_s is not None and self.train_seconds >= config.time_budget_s
+                stop_hit = config.stop_at_step is not None and self.step >= config.stop_at_step
+                if self.step >= total or budget_hit or stop_hit:
+                    stopped_early = self.step < total
+                    break
+            finished = self.step >= total
+            epoch_done = self.step % per_epoch == 0 or finished
+            epochs_done = self.step // per_epoch
+            if finished or stopped_early or (epoch_done and epochs_done % max(1, config.eval_every_epochs) == 0):
+                self.evaluate(bar)
+            if finished or stopped_early or (epoch_done and epochs_done % max(1, config.save_every_epochs) == 0):
+                self.save(completed=finished)
+            if stopped_early:
                 break
-        finished = step >= total_steps
-        epoch_done = step % steps_per_epoch == 0 or finished
-        epochs_done = step // steps_per_epoch
-        if finished or stopped_early or (epoch_done and epochs_done % max(1, config.eval_every_epochs) == 0):
-            metrics = {
-                split: _evaluate(model, t, device, config.eval_max_images)
-                for split, t in eval_tensors.items()
-            }
-            entry = {
-                "epoch": round(step / steps_per_epoch, 4),
-                "step": step,
-                "elapsed_s": round(time.perf_counter() - started, 2),
-                "train_s": round(train_seconds, 2),
-                "train_cpu_s": round(train_cpu_seconds, 2),
-                "loss": float(np.mean(epoch_losses)) if epoch_losses else None,
-                "lr": float(scheduler.get_last_lr()[0]),
-                "logit_scale": float(model.logit_scale.item()),
-                "logit_bias": float(model.logit_bias.item()),
-                "metrics": metrics,
-            }
-            history.append(entry)
-            epoch_losses = []
-            summary = " ".join(
-                f"{s}: t2i R@1 {m['text_to_image']['recall@1']:.3f} R@5 {m['text_to_image']['recall@5']:.3f}"
-                f" i2t R@1 {m['image_to_text']['recall@1']:.3f}"
-                for s, m in metrics.items()
-            )
-            loss_text = "-" if entry["loss"] is None else f"{entry['loss']:.4f}"
-            bar.write(f"epoch {entry['epoch']:g} step {step} loss {loss_text} train {train_seconds:.0f}s {summary}")
-            report(step / total_steps, {"step": step, "total_steps": total_steps, "epoch": entry["epoch"],
-                                        "loss": entry["loss"], "metrics": metrics})
-        if finished or stopped_early or (epoch_done and epochs_done % max(1, config.save_every_epochs) == 0):
-            save(completed=finished)
-        if stopped_early:
-            break
-    bar.close()
+        bar.close()
 
-    completed = step >= total_steps
-    if not history or history[-1]["step"] != step:
-        save(completed=completed)
-    final_metrics = None
-    if completed and config.final_split and config.final_split in available:
-        final_metrics = evaluate_checkpoint(out_dir, config.data, config.final_split, config.image_root,
-                                            device=str(device))
-        _write_json(out_dir / HISTORY_FILE, {"config": config.to_dict(), "completed": completed,
-                                            "total_steps": total_steps, "history": history,
-                                            "final_split": config.final_split, "final_metrics": final_metrics})
-    report(step / total_steps, {"step": step, "total_steps": total_steps, "done": completed,
-                                "final_metrics": final_metrics})
-    model.eval()
-    return TrainResult(out_dir, history, final_metrics, step=step, completed=completed, model=model,
-                       threads=torch.get_num_threads())
+    def finish(self) -> TrainResult:
+        """The last save, the final split measured through the search encoder, the result."""
+        config = self.config
+        completed = self.step >= self.total_steps
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.save(completed=completed)
+        final_metrics = None
+        if completed and config.final_split and config.final_split in self.available:
+            final_metrics = evaluate_checkpoint(self.out_dir, config.data, config.final_split, config.image_root,
+                                                device=str(self.device))
+            _write_json(self.out_dir / HISTORY_FILE, {"config": config.to_dict(), "completed": completed,
+                                                     "total_steps": self.total_steps, "history": self.history,
+                                                     "final_split": config.final_split,
+                                                     "final_metrics": final_metrics})
+        self.report({"done": completed, "final_metrics": final_metrics})
+        self.model.eval()
+        return TrainResult(self.out_dir, self.history, final_metrics, step=self.step, completed=completed,
+                           model=self.model, threads=torch.get_num_threads())
 
 
 # --------------------------------------------------------------------------
