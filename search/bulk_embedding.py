@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import Case, Value, When
 from django.utils import timezone
@@ -165,136 +166,170 @@ def embed_assets_bulk(
     assets deleted meanwhile are skipped and unreadable images are marked
     failed with their reason.
     """
-    import torch
-
-
     if index not in ("sync", "none"):
         raise ValueError(f"index must be 'sync' or 'none', got {index!r}")
     started = time.perf_counter()
     model = model or active_model()
     encoder = encoder_for(model)
     device = str(encoder.device)
-    cuda = device.startswith("cuda")
-    # On CUDA with the torch backend, pixels travel as uint8 and are normalised on
-    # the GPU; otherwise the encoder's own entry point runs the model.
-    gpu_path = cuda and getattr(encoder, "backend", "torch") == "torch"
     batch_size = int(batch_size or default_batch_size(device))
     workers = default_workers(device) if workers is None else max(0, int(workers))
     result = BulkEmbeddingResult(workers=workers, batch_size=batch_size, device=device)
 
     wanted = sorted({int(i) for i in asset_ids})
-    done = set(
-        Embedding.objects.filter(model=model, asset_id__in=wanted).values_list("asset_id", flat=True)
-    )
-    assets = ImageAsset.objects.filter(pk__in=[i for i in wanted if i not in done]).order_by("pk")
-    items = [(asset.pk, _source_of(asset)) for asset in assets.only("pk", "file")]
+    items = _images_to_embed(model, wanted)
     result.skipped = len(wanted) - len(items)
-
-    pending: list = []
-    embedded: list[int] = []
-
-    def store(final: bool = False) -> None:
-        if not pending or (len(pending) < store_chunk and not final):
-            return
-        t0 = time.perf_counter()
-        rows = list(pending)
-        pending.clear()
-        ids = [r[0] for r in rows]
-        with transaction.atomic():
-            live = set(lock_assets(ids))  # assets deleted meanwhile get nothing
-            rows = [r for r in rows if r[0] in live]
-            insert_vectors(model, "asset", rows)
-            mark_complete(model, live)  # those whose captions are done too; the rest after the text stage
-        embedded.extend(r[0] for r in rows)
-        result.seconds["store"] += time.perf_counter() - t0
-
+    writer = _ImageVectorWriter(model, store_chunk, result)
     if items:
-        encoder.load()
-        from django.conf import settings
-
-        dataset = ImageFiles(
-            items, encoder.preprocessor, uint8=gpu_path,
-            max_bytes=getattr(settings, "UPLOAD_MAX_BYTES", None),
-            max_pixels=getattr(settings, "UPLOAD_MAX_PIXELS", None),
-            draft=gpu_path and bool(getattr(settings, "INGEST_JPEG_DRAFT", False) if jpeg_draft is None else jpeg_draft),
-        )
-        loader = torch.utils.data.DataLoader(
-            dataset,
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=collate,
-            pin_memory=gpu_path,
-            prefetch_factor=4 if workers else None,
-            persistent_workers=False,
-            worker_init_fn=None if cuda else lower_priority,
-        )
-        for batch in loader:
-            if result.first_batch_seconds is None:
-                result.first_batch_seconds = time.perf_counter() - started
-            result.seconds["read"] += batch["read"]
-            result.seconds["decode"] += batch["decode"]
+        for batch in _read_batches(encoder, items, result, jpeg_draft, started):
             result.failed.update(batch["failed"])
-            if batch["pixels"] is None:
-                continue
-            t0 = time.perf_counter()
-            pixels = batch["pixels"]
-            if gpu_path:
-                pixels = pixels.to(device, non_blocking=True)
-                pixels = normalise_on_device(pixels, encoder.preprocessor, next(encoder.model.parameters()).dtype)
-                vectors = encoder.encode_device_pixels(pixels)
-            else:
-                vectors = encoder.encode_pixels(pixels.numpy(), batch_size=len(pixels))
-            result.seconds["model"] += time.perf_counter() - t0
-            pending.extend(zip(batch["ids"], (Embedding.pack(v) for v in vectors)))
-            result.images += len(batch["ids"])
-            store()
+            if batch["pixels"] is not None:
+                writer.add(batch["ids"], _encode_batch(encoder, batch["pixels"], result))
+                result.images += len(batch["ids"])
             if progress is not None:
                 progress(len(batch["ids"]) + len(batch["failed"]))
-        store(final=True)
+        writer.flush()
         if not workers:  # decoding ran in this process: it is not parallel time
             result.workers = 1
-
-    if result.failed:
-        reasons = {i: r[:2000] for i, r in result.failed.items()}
-        with transaction.atomic():
-            ImageAsset.objects.filter(pk__in=lock_assets(reasons)).update(
-                status=ImageAsset.Status.FAILED,
-                error=Case(*[When(pk=i, then=Value(r)) for i, r in reasons.items()], default=Value("")),
-            )
-
-    # Captions of these assets without a vector for the model.
-    t0 = time.perf_counter()
-    captions = list(
-        Caption.objects.filter(asset_id__in=wanted).exclude(embeddings__model=model).order_by("id")
-        .values_list("id", "asset_id", "text")
-    )
-    if captions:
-        vectors = encoder.encode_texts([text for _, _, text in captions], batch_size=256 if cuda else 64)
-        result.seconds["text"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        with transaction.atomic():
-            lock_assets({asset_id for _, asset_id, _ in captions})
-            # Only captions still there with the text they were encoded from.
-            texts = dict(Caption.objects.filter(pk__in=[c for c, _, _ in captions]).values_list("pk", "text"))
-            rows = [(cid, Embedding.pack(v)) for (cid, _, text), v in zip(captions, vectors) if texts.get(cid) == text]
-            for start in range(0, len(rows), store_chunk):
-                insert_vectors(model, "caption", rows[start : start + store_chunk])
-        result.captions = len(rows)
-        result.seconds["store"] += time.perf_counter() - t0
+    _mark_failed(result.failed)
+    result.captions = _embed_captions(model, encoder, wanted, store_chunk, result)
     # Assets complete now: their image had a vector already, or their captions just got theirs.
     for start in range(0, len(wanted), store_chunk):
         with transaction.atomic():
             mark_complete(model, lock_assets(wanted[start : start + store_chunk]))
 
-    if embedded or result.captions:
+    if writer.embedded or result.captions:
         t0 = time.perf_counter()
         if index == "sync":
             sync_indices(model)
         result.seconds["index"] = time.perf_counter() - t0
     result.wall_seconds = time.perf_counter() - started
-    failures = defaultdict(int)
-    for reason in result.failed.values():
-        failures[reason.split(":", 1)[0]] += 1
     if result.failed:
+        failures = defaultdict(int)
+        for reason in result.failed.values():
+            failures[reason.split(":", 1)[0]] += 1
         log.warning("bulk embedding: %d images failed (%s)", len(result.failed), dict(failures))
     return result
+
+
+# --- Stages ------------------------------------------------------------------------
+
+
+def _gpu_path(encoder) -> bool:
+    """On CUDA with the torch backend, pixels travel as uint8 and are normalised on the GPU;
+    otherwise the encoder's own entry point runs the model."""
+    return str(encoder.device).startswith("cuda") and getattr(encoder, "backend", "torch") == "torch"
+
+
+def _images_to_embed(model, wanted: list[int]) -> list[tuple[int, str | bytes]]:
+    """(asset id, file) of the wanted assets whose image has no vector of the model yet."""
+    done = set(Embedding.objects.filter(model=model, asset_id__in=wanted).values_list("asset_id", flat=True))
+    assets = ImageAsset.objects.filter(pk__in=[i for i in wanted if i not in done]).order_by("pk")
+    return [(asset.pk, _source_of(asset)) for asset in assets.only("pk", "file")]
+
+
+def _read_batches(encoder, items, result: BulkEmbeddingResult, jpeg_draft: bool | None, started: float):
+    """Reader: batches of decoded pixels from the worker processes (``embeddings.core.batches``),
+    with their read and decode time added to the result."""
+    import torch
+
+    encoder.load()
+    gpu_path = _gpu_path(encoder)
+    dataset = ImageFiles(
+        items, encoder.preprocessor, uint8=gpu_path,
+        max_bytes=getattr(settings, "UPLOAD_MAX_BYTES", None),
+        max_pixels=getattr(settings, "UPLOAD_MAX_PIXELS", None),
+        draft=gpu_path and bool(getattr(settings, "INGEST_JPEG_DRAFT", False) if jpeg_draft is None else jpeg_draft),
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=result.batch_size,
+        num_workers=result.workers,
+        collate_fn=collate,
+        pin_memory=gpu_path,
+        prefetch_factor=4 if result.workers else None,
+        persistent_workers=False,
+        worker_init_fn=None if str(encoder.device).startswith("cuda") else lower_priority,
+    )
+    for batch in loader:
+        if result.first_batch_seconds is None:
+            result.first_batch_seconds = time.perf_counter() - started
+        result.seconds["read"] += batch["read"]
+        result.seconds["decode"] += batch["decode"]
+        yield batch
+
+
+def _encode_batch(encoder, pixels, result: BulkEmbeddingResult):
+    """Encoder: one batch of pixels -> unit vectors."""
+    t0 = time.perf_counter()
+    if _gpu_path(encoder):
+        pixels = pixels.to(encoder.device, non_blocking=True)
+        pixels = normalise_on_device(pixels, encoder.preprocessor, next(encoder.model.parameters()).dtype)
+        vectors = encoder.encode_device_pixels(pixels)
+    else:
+        vectors = encoder.encode_pixels(pixels.numpy(), batch_size=len(pixels))
+    result.seconds["model"] += time.perf_counter() - t0
+    return vectors
+
+
+class _ImageVectorWriter:
+    """Writer: image vectors into PostgreSQL in chunks of ``store_chunk``, under the asset
+    locks (assets deleted meanwhile get nothing)."""
+
+    def __init__(self, model, store_chunk: int, result: BulkEmbeddingResult):
+        self.model, self.store_chunk, self.result = model, store_chunk, result
+        self.pending: list = []
+        self.embedded: list[int] = []
+
+    def add(self, ids, vectors) -> None:
+        self.pending.extend(zip(ids, (Embedding.pack(v) for v in vectors)))
+        if len(self.pending) >= self.store_chunk:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        t0 = time.perf_counter()
+        rows, self.pending = self.pending, []
+        with transaction.atomic():
+            live = set(lock_assets([r[0] for r in rows]))
+            rows = [r for r in rows if r[0] in live]
+            insert_vectors(self.model, "asset", rows)
+            mark_complete(self.model, live)  # those whose captions are done too; the rest after the text stage
+        self.embedded.extend(r[0] for r in rows)
+        self.result.seconds["store"] += time.perf_counter() - t0
+
+
+def _mark_failed(failed: dict[int, str]) -> None:
+    if not failed:
+        return
+    reasons = {i: r[:2000] for i, r in failed.items()}
+    with transaction.atomic():
+        ImageAsset.objects.filter(pk__in=lock_assets(reasons)).update(
+            status=ImageAsset.Status.FAILED,
+            error=Case(*[When(pk=i, then=Value(r)) for i, r in reasons.items()], default=Value("")),
+        )
+
+
+def _embed_captions(model, encoder, wanted: list[int], store_chunk: int, result: BulkEmbeddingResult) -> int:
+    """Text stage: the captions of these assets without a vector for the model; how many stored
+    (only captions still there with the text they were encoded from)."""
+    t0 = time.perf_counter()
+    captions = list(
+        Caption.objects.filter(asset_id__in=wanted).exclude(embeddings__model=model).order_by("id")
+        .values_list("id", "asset_id", "text")
+    )
+    if not captions:
+        return 0
+    cuda = str(encoder.device).startswith("cuda")
+    vectors = encoder.encode_texts([text for _, _, text in captions], batch_size=256 if cuda else 64)
+    result.seconds["text"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with transaction.atomic():
+        lock_assets({asset_id for _, asset_id, _ in captions})
+        texts = dict(Caption.objects.filter(pk__in=[c for c, _, _ in captions]).values_list("pk", "text"))
+        rows = [(cid, Embedding.pack(v)) for (cid, _, text), v in zip(captions, vectors) if texts.get(cid) == text]
+        for start in range(0, len(rows), store_chunk):
+            insert_vectors(model, "caption", rows[start : start + store_chunk])
+    result.seconds["store"] += time.perf_counter() - t0
+    return len(rows)
