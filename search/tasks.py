@@ -1,8 +1,20 @@
-"""Index maintenance on Celery workers: debounced syncs, rebuilds and the periodic reconciler.
+"""Work on Celery workers: embedding assets, index syncs and rebuilds, the periodic
+reconciler; and the helpers callers use to queue them after a service returned.
 
-All are safe to run twice (a redelivered message after a worker died, or one that
-outlived the visibility timeout): a sync of an index already in step writes nothing,
-and a rebuild that already finished under the same task id is skipped.
+Embedding, together with the settings (acks late, requeue on a lost worker, a short
+visibility timeout):
+
+- a task is acknowledged only after it ran, so a worker killed mid-task leaves it to be
+  delivered again; running it twice stores nothing twice (``asset_vectors.embed_asset`` is
+  idempotent and the unique constraints back it up);
+- transient failures (database or broker briefly away) are retried with backoff;
+- a permanent failure (unreadable file, no model) marks the asset failed with the reason;
+- an image on which the worker keeps dying is marked failed after EMBED_MAX_CRASHES
+  deliveries instead of taking the worker down for ever.
+
+Index maintenance is safe to run twice as well (a redelivered message after a worker died,
+or one that outlived the visibility timeout): a sync of an index already in step writes
+nothing, and a rebuild that already finished under the same task id is skipped.
 """
 
 from __future__ import annotations
