@@ -33,8 +33,6 @@ from an upload or another dataset; those are not part of the gallery).
 from __future__ import annotations
 
 import logging
-import os
-import platform
 import textwrap
 import time
 import traceback
@@ -50,6 +48,8 @@ from embeddings.core.siglip import TEXT_MAX_LENGTH
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import active_model, encoder_for
 from evaluation import datasets
+from evaluation.bench.machine import machine_description
+from evaluation.bench.stats import p50_p95
 from evaluation.core import metrics, plots
 from evaluation.models import BenchmarkRun
 from search.asset_vectors import assets_missing_vectors, embed_asset
@@ -252,25 +252,6 @@ def unembedded_among(model: EmbeddingModel, asset_ids) -> list[int]:
     return [i for i in wanted if i in missing]
 
 
-def machine_description(encoder) -> dict:
-    import torch
-
-    device = encoder.device
-    info = {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "device": device,
-        "inference": getattr(encoder, "backend", "torch"),
-    }
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def _finite(value):
     """JSON-safe numbers: non-finite floats become None (Postgres JSON has no inf)."""
     if isinstance(value, dict):
@@ -362,8 +343,8 @@ def _run_retrieval(run: BenchmarkRun, report: Reporter) -> None:
     # 6. Latency of single queries, as the portal serves them.
     report(87, "timing single queries")
     t2i_ms, i2t_ms = measure_latency(model, encoder, gallery)
-    run.t2i_latency_p50_ms, run.t2i_latency_p95_ms = _percentiles(t2i_ms)
-    run.i2t_latency_p50_ms, run.i2t_latency_p95_ms = _percentiles(i2t_ms)
+    run.t2i_latency_p50_ms, run.t2i_latency_p95_ms = p50_p95(t2i_ms)
+    run.i2t_latency_p50_ms, run.i2t_latency_p95_ms = p50_p95(i2t_ms)
     run.extra["latency_queries"] = {"text_to_image": len(t2i_ms), "image_to_text": len(i2t_ms), "k": TOP_K}
 
     # 7. Embedding throughput, batched as when assets are embedded, on a sample of the gallery.
@@ -440,12 +421,6 @@ def ranked_search(index, query_vectors, gallery_ids, relevant, *, keep=(), progr
     result["mean_rank"] = sums["mean_rank"] / n_queries
     result["queries"] = int(n_queries)
     return result, tops
-
-
-def _percentiles(samples_ms: list[float]) -> tuple[float | None, float | None]:
-    if not samples_ms:
-        return None, None
-    return float(np.percentile(samples_ms, 50)), float(np.percentile(samples_ms, 95))
 
 
 def measure_latency(model, encoder, gallery: Gallery) -> tuple[list[float], list[float]]:

@@ -306,6 +306,11 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_device() -> str:
+    """The device an encoder runs on when none is given: ``cuda`` when available, else ``cpu``."""
+    return _default_device()
+
+
 def _looks_like_path(source: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else is meant as a path.
     return (

@@ -5,6 +5,7 @@ from django.core.management.base import BaseCommand, CommandError
 from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
 from evaluation import datasets, services, tasks
+from evaluation.bench.reporting import retrieval_table
 from evaluation.models import BenchmarkRun
 
 POLL_SECONDS = 1.0
@@ -63,7 +64,7 @@ class Command(BaseCommand):
         run.refresh_from_db()
         if run.status != BenchmarkRun.Status.SUCCEEDED:
             raise CommandError(f"Benchmark run {run.pk} {run.status}: {run.error}")
-        self.stdout.write(self.table(run))
+        self.stdout.write(retrieval_table(run))
 
     def _model(self, value):
         if not value:
@@ -88,33 +89,3 @@ class Command(BaseCommand):
                 self.stderr.write("Still queued: is a worker running? (Without one, run without --queue.)")
                 hinted = True
             time.sleep(POLL_SECONDS)
-
-    @staticmethod
-    def table(run) -> str:
-        def pct(metrics, key):
-            value = (metrics or {}).get(key)
-            return "—" if value is None else f"{100 * value:.1f}"
-
-        def num(value, digits=1):
-            return "—" if value is None else f"{value:.{digits}f}"
-
-        header = f"{'direction':<14}{'queries':>8}{'R@1':>7}{'R@5':>7}{'R@10':>7}{'mAP':>7}" \
-                 f"{'med.rank':>10}{'mean rank':>11}{'p50 ms':>9}{'p95 ms':>9}"
-        lines = [
-            f"Run {run.pk}: {run.dataset} {run.split}, {run.gallery_images} images / {run.gallery_captions} captions, "
-            f"model {run.model_name}, index {run.index_backend}",
-            header,
-            "-" * len(header),
-        ]
-        for name, m, p50, p95 in (
-            ("text → image", run.text_to_image, run.t2i_latency_p50_ms, run.t2i_latency_p95_ms),
-            ("image → text", run.image_to_text, run.i2t_latency_p50_ms, run.i2t_latency_p95_ms),
-        ):
-            lines.append(
-                f"{name:<14}{m.get('queries', 0):>8}{pct(m, 'recall@1'):>7}{pct(m, 'recall@5'):>7}"
-                f"{pct(m, 'recall@10'):>7}{pct(m, 'mAP'):>7}{num(m.get('median_rank')):>10}"
-                f"{num(m.get('mean_rank'), 2):>11}{num(p50):>9}{num(p95):>9}"
-            )
-        lines.append(f"Embedding: {num(run.images_per_second)} images/s, {num(run.captions_per_second)} captions/s "
-                     f"on {run.machine.get('device', '?')} ({run.machine.get('cpu_count', '?')} CPUs).")
-        return "\n".join(lines)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from evaluation.records import record_file_figures
+from evaluation.bench.records import record_file_figures
 
 
 class Command(BaseCommand):
