@@ -6,6 +6,7 @@ from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
 from evaluation import datasets, services, tasks
 from evaluation.bench.reporting import retrieval_table
+from evaluation.management.dataset_arguments import add_dataset_arguments
 from evaluation.models import BenchmarkRun
 
 POLL_SECONDS = 1.0
@@ -19,12 +20,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("path", help="the dataset JSON file, or the folder holding it")
-        parser.add_argument("--kind", default="auto", choices=["auto", *datasets.KINDS],
-                            help="dataset layout (default: detect from the file)")
-        parser.add_argument("--split", default="", help="split (default: test, or the COCO file's own)")
-        parser.add_argument("--limit", type=int, help="only the first N images of the split")
-        parser.add_argument("--collection", default="", help="collection name (default: <kind>-<split>)")
+        add_dataset_arguments(parser, split_help="split (default: test, or the COCO file's own)")
         parser.add_argument("--model", help="embedding model name or id (default: the active model)")
         parser.add_argument("--queue", action="store_true", help="queue the run for a worker instead")
         parser.add_argument("--wait", action="store_true", help="with --queue: follow the run until it ends")

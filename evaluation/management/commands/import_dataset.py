@@ -1,6 +1,7 @@
 from django.core.management.base import BaseCommand, CommandError
 
 from evaluation import datasets
+from evaluation.management.dataset_arguments import add_dataset_arguments
 from search import tasks
 
 
@@ -11,12 +12,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("path", help="the dataset JSON file, or the folder holding it")
-        parser.add_argument("--kind", default="auto", choices=["auto", *datasets.KINDS],
-                            help="dataset layout (default: detect from the file)")
-        parser.add_argument("--split", default="", help="split to import (default: test, or the COCO file's own)")
-        parser.add_argument("--limit", type=int, help="only the first N images of the split")
-        parser.add_argument("--collection", default="", help="collection name (default: <kind>-<split>)")
+        add_dataset_arguments(parser, split_help="split to import (default: test, or the COCO file's own)")
         parser.add_argument("--images", help="image folder, when it is not where the layout expects it")
         parser.add_argument("--captions-per-image", type=int, default=datasets.CAPTIONS_PER_IMAGE,
                             help="keep at most this many captions per image (default 5; 0 keeps all)")
