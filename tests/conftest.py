@@ -6,7 +6,6 @@ ones DATABASE_URL / REDIS_URL point at); nothing is mocked and nothing is downlo
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import subprocess
@@ -14,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from tests.helpers import image_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_CAPTIONS = [
@@ -66,16 +65,6 @@ def tiny_model(db, clean_state, tiny_checkpoint):
     return register_model(str(tiny_checkpoint), name="tiny-test-siglip", kind="random")
 
 
-def image_bytes(colour=(200, 30, 30), size=(64, 48), fmt="PNG", pattern=0) -> bytes:
-    img = Image.new("RGB", size, colour)
-    if pattern:
-        pixels = img.load()
-        for x in range(0, size[0], 2 + pattern):
-            for y in range(size[1]):
-                pixels[x, y] = (255 - colour[0], 255 - colour[1], 255 - colour[2])
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture
@@ -150,16 +139,5 @@ def celery_worker_process(transactional_db, clean_state):
     log.close()
 
 
-def wait_for(predicate, timeout=90.0, interval=0.2, message="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {message}")
 
 
-def unit(v) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float32)
-    return v / np.linalg.norm(v)

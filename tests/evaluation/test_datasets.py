@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -11,49 +10,16 @@ from django.core.management import CommandError, call_command
 from evaluation import datasets
 from evaluation.datasets import DatasetError
 from search.models import Caption, ImageAsset
-
-from tests.conftest import image_bytes
+from tests.helpers import picture, write_karpathy
 
 pytestmark = pytest.mark.django_db
 
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 170, 30), (240, 200, 20), (140, 40, 190), (20, 190, 200),
-           (250, 120, 190), (120, 70, 30), (15, 15, 15), (128, 128, 128)]
 
 
-def picture(i: int) -> bytes:
-    """A distinct small JPEG for every i."""
-    return image_bytes(COLOURS[i % len(COLOURS)], size=(40, 32), fmt="JPEG", pattern=i // len(COLOURS))
 
 
-def sentences(texts, imgid, first_sentid):
-    return [{"raw": t, "tokens": t.lower().split(), "imgid": imgid, "sentid": first_sentid + j}
-            for j, t in enumerate(texts)]
 
 
-def write_karpathy(folder: Path, entries, *, dataset="flickr30k", json_name="dataset_flickr30k.json",
-                   image_dir="flickr30k-images", filepath=None) -> Path:
-    """A Karpathy split file; ``entries`` are (split, captions) pairs, images written as files.
-
-    With ``filepath`` (COCO style) each entry names its folder: a callable split -> folder.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    images, sentid = [], 0
-    for imgid, (split, captions) in enumerate(entries):
-        entry = {"filename": f"img_{imgid:04d}.jpg", "imgid": imgid, "split": split,
-                 "sentids": list(range(sentid, sentid + len(captions))),
-                 "sentences": sentences(captions, imgid, sentid)}
-        if filepath is not None:
-            entry["filepath"] = filepath(split)
-            target = folder / entry["filepath"]
-        else:
-            target = folder / image_dir
-        target.mkdir(parents=True, exist_ok=True)
-        (target / entry["filename"]).write_bytes(picture(imgid))
-        images.append(entry)
-        sentid += len(captions)
-    path = folder / json_name
-    path.write_text(json.dumps({"dataset": dataset, "images": images}))
-    return path
 
 
 def captions_for(i: int, n: int = 5) -> list[str]:

@@ -11,8 +11,7 @@ from search import asset_vectors, index_sync, queries, serving
 from search.api import serializers as s
 from search.curation import ingest_image
 from search.models import ImageAsset
-from tests.conftest import image_bytes
-from tests.test_encoder import jpeg_bytes, two_colour_image
+from tests.helpers import image_bytes, jpeg_bytes, two_colour_image
 
 pytestmark = pytest.mark.django_db
 

@@ -23,9 +23,7 @@ from search.core.vector_index import (
     load_index,
     sha256_file,
 )
-
-DIM = 32
-N = 500
+from tests.search.core.vectors import DIM, N, brute_force, recall, unit_vectors
 
 # name -> (backend, parameters). Small-data settings: the IVF-PQ index trains
 # on the first 300 rows and re-ranks exactly, so scores are exact inner products.
@@ -51,24 +49,16 @@ def single_threaded_faiss():
     faiss.omp_set_num_threads(before)
 
 
-def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def sparse_ids(n: int) -> np.ndarray:
-    return 10_000_019 + 7_919 * np.arange(n, dtype=np.int64) ** 2
 
 
-def brute_force(ids, vectors, queries, k):
-    scores = queries @ vectors.T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return ids[order], np.take_along_axis(scores, order, axis=1)
 
 
-def recall(got, want) -> float:
-    return float(np.mean([len(set(g) & set(w)) / len(w) for g, w in zip(got.tolist(), want.tolist())]))
+
+
+
+
 
 
 def _pg_available(request) -> bool:
@@ -106,9 +96,6 @@ def make(spec):
             index.drop()
 
 
-@pytest.fixture
-def corpus():
-    return sparse_ids(N), unit_vectors(N, seed=1)
 
 
 @pytest.fixture
@@ -654,7 +641,6 @@ def test_pgvector_search_is_an_index_scan_on_the_hnsw_index(pg, corpus):
     conn = _pg_connection(idx)
     import psycopg
     from pgvector import Vector
-
     from psycopg.pq import TransactionStatus
 
     local = conn.info.transaction_status != TransactionStatus.IDLE

@@ -22,7 +22,7 @@ from embeddings.models import Embedding
 from search import asset_vectors, index_sync, reconciler, serving, tasks
 from search.curation import ingest_image
 from search.models import Caption, ImageAsset, IndexBuild
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -77,7 +77,7 @@ def test_assets_whose_task_was_lost_are_requeued_then_embedded(tiny_model, isola
     report = reconcile(stuck_after=0)
     assert sorted(report.requeued) == sorted(a.pk for a in lost)
     assert set(report.requeued) <= set(queued_embeds())  # in the broker, for any worker to take
-    for asset in lost:  # what the worker does with them (a real one: tests/test_faults.py)
+    for asset in lost:  # what the worker does with them (a real one: tests/portal/test_faults.py)
         asset_vectors.embed_asset(asset.pk)
     index_sync.sync_indices(tiny_model)
     assert not ImageAsset.objects.filter(status="pending").exists()

@@ -7,8 +7,8 @@ import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from embeddings.models import EmbeddingModel
 from embeddings.core.siglip import SiglipEncoder
+from embeddings.models import EmbeddingModel
 
 pytestmark = pytest.mark.django_db
 

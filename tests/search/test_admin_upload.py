@@ -8,8 +8,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 
 from search.models import Caption, ImageAsset
-
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -6,8 +6,7 @@ import pytest
 from embeddings.models import Embedding
 from embeddings.services import encoder_for
 from search.models import ImageAsset, IndexBuild
-
-from tests.conftest import image_bytes, wait_for
+from tests.helpers import image_bytes, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -29,6 +29,7 @@ from embeddings.core.siglip import (
     get_encoder,
     load_image,
 )
+from tests.helpers import jpeg_bytes, two_colour_image
 
 CAPTIONS = [
     "a photo of a red car parked on the street",
@@ -89,10 +90,6 @@ def png_bytes(image):
     return buffer.getvalue()
 
 
-def jpeg_bytes(image, **kwargs):
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95, **kwargs)
-    return buffer.getvalue()
 
 
 def unit_rows(vectors):
@@ -340,11 +337,6 @@ def test_preprocessor_is_picklable_for_worker_processes(encoder):
 # --------------------------------------------------------------------------
 
 
-def two_colour_image(width, height):
-    """Left half red, right half blue."""
-    image = Image.new("RGB", (width, height), (0, 0, 255))
-    image.paste((255, 0, 0), (0, 0, width // 2, height))
-    return image
 
 
 @pytest.mark.parametrize("kind", ["bytes", "path", "file"])

@@ -15,32 +15,25 @@ from search.core.vector_index import (
     ChecksumMismatch,
     VectorIndex,
     VectorIndexError,
+    base,
     create_index,
     get_backend,
     load_index,
     register_backend,
+    registry,
     sha256_file,
 )
-from search.core.vector_index import base, registry
+from tests.search.core.vectors import DIM, brute_force, sparse_ids, unit_vectors
 
-DIM = 32
 BACKEND = "faiss-flat"
 
 
-def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def sparse_ids(n: int) -> np.ndarray:
-    # Large, non-contiguous external ids.
-    return 10_000_019 + 7_919 * np.arange(n, dtype=np.int64) ** 2
 
 
-@pytest.fixture
-def corpus():
-    return sparse_ids(500), unit_vectors(500, seed=1)
+
+
 
 
 @pytest.fixture
@@ -61,10 +54,7 @@ def restore_registry():
     registry._classes.update(classes)
 
 
-def brute_force(ids, vectors, queries, k):
-    scores = queries @ vectors.T
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return ids[order], np.take_along_axis(scores, order, axis=1)
+
 
 
 # --------------------------------------------------------------------------

@@ -23,7 +23,8 @@ from embeddings.models import Embedding
 from embeddings.services import encoder_for
 from search import index_sync, serving
 from search.models import Caption, ImageAsset
-from tests.conftest import _test_database_url, image_bytes, wait_for
+from tests.conftest import _test_database_url
+from tests.helpers import image_bytes, wait_for
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

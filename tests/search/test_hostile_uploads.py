@@ -19,8 +19,9 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from embeddings.models import Embedding
 from search import curation, tasks, validation
 from search.models import Caption, ImageAsset
-from tests.conftest import ROOT, image_bytes, wait_for
+from tests.conftest import ROOT
 from tests.faults import images
+from tests.helpers import image_bytes, wait_for
 
 pytestmark = pytest.mark.django_db
 

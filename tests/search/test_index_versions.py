@@ -9,7 +9,7 @@ from search import asset_vectors, index_sync
 from search.curation import ingest_image
 from search.models import IndexBuild
 from search.serving import LoadedIndices
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -21,7 +21,8 @@ from rest_framework.test import APIClient
 
 from search.curation import ingest_image
 from search.models import ImageAsset
-from tests.conftest import ROOT, image_bytes
+from tests.conftest import ROOT
+from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -10,15 +10,14 @@ from django.core.management import CommandError, call_command
 
 from embeddings.models import Embedding
 from embeddings.services import encoder_for
-from evaluation.core import metrics
 from evaluation import services
+from evaluation.core import metrics
 from evaluation.datasets import DatasetError
 from evaluation.models import BenchmarkRun
-from search.models import Caption, ImageAsset
 from search.core.vector_index import create_index
-
-from tests.conftest import TEST_CAPTIONS, unit, wait_for
-from tests.test_datasets import write_karpathy
+from search.models import Caption, ImageAsset
+from tests.conftest import TEST_CAPTIONS
+from tests.helpers import unit, wait_for, write_karpathy
 
 CAPTIONS_PER_IMAGE = [2, 3, 5, 4, 2, 5, 3, 4]  # eight test images
 WORDS = sorted(set(" ".join(TEST_CAPTIONS).lower().split()))

@@ -5,7 +5,7 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 
 from search import asset_vectors, index_sync
 from search.curation import ingest_image
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 

@@ -13,7 +13,7 @@ from embeddings.models import Embedding
 from search.asset_vectors import embed_asset
 from search.bulk_embedding import embed_assets_bulk
 from search.models import Caption, ImageAsset, IndexBuild
-from tests.conftest import image_bytes
+from tests.helpers import image_bytes
 
 COLOURS = [(220, 20, 20), (20, 20, 220), (20, 180, 20), (200, 200, 20), (120, 40, 160), (10, 10, 10)]
 
@@ -170,7 +170,7 @@ def test_reduced_scale_jpeg_decoding_stays_close_to_the_exact_pixels():
 
     from embeddings.core.batches import resized_uint8
     from embeddings.core.siglip import ImagePreprocessor
-    from tests.conftest import image_bytes as png_bytes
+    from tests.helpers import image_bytes as png_bytes
 
     preprocessor = ImagePreprocessor()  # 224 x 224: a 640 x 480 JPEG is decoded at 320 x 240
     rng = np.random.default_rng(0)

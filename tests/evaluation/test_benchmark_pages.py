@@ -10,8 +10,7 @@ from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from evaluation.models import BenchmarkRun
-
-from tests.test_datasets import write_karpathy
+from tests.helpers import write_karpathy
 
 pytestmark = pytest.mark.django_db
 
