@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
-from search.curation import ingest_image
+from search.curation import FollowUps, ingest_image
 from search.validation import InvalidUpload, clean_captions
 
 KARPATHY_KINDS = {"flickr30k": "flickr30k", "coco": "coco", "synthetic": "synthetic"}
@@ -342,14 +342,12 @@ def _load_coco_annotations(json_path, split, limit, image_root, captions_per_ima
 
 
 @dataclass
-class ImportResult:
+class ImportResult(FollowUps):
     collection: str
     asset_ids: list[int] = field(default_factory=list)  # one per dataset item, in order
     created: int = 0
     existing: int = 0
     new_captions: int = 0
-    to_embed: list[int] = field(default_factory=list)  # for search.tasks.queue_follow_ups
-    changes_indices: bool = False
 
 
 def import_dataset(

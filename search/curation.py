@@ -17,24 +17,28 @@ from django.core.files.base import ContentFile
 from django.db import DatabaseError, transaction
 
 from embeddings.models import Embedding
+from search.archives import basename
 from search.locking import lock_assets, lock_content, retry_on_conflict
 from search.models import Caption, ImageAsset, image_upload_path, normalise_text
-from search.archives import basename
 from search.validation import EXTENSIONS, InvalidUpload, clean_captions, clean_name, inspect_image, read_upload
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class IngestResult:
-    """What an upload did, and what it leaves to queue (``search.tasks.queue_follow_ups``):
-    the assets to embed; ``changes_indices``, whether rows the indices hold went away."""
+@dataclass(kw_only=True)
+class FollowUps:
+    """What a curation call leaves to queue (``search.tasks.queue_follow_ups``): the assets to
+    embed; ``changes_indices``, whether rows the indices hold went away."""
 
+    to_embed: list[int] = field(default_factory=list)
+    changes_indices: bool = False
+
+
+@dataclass
+class IngestResult(FollowUps):
     asset: ImageAsset
     created: bool
     new_captions: list[Caption] = field(default_factory=list)
-    to_embed: list[int] = field(default_factory=list)
-    changes_indices: bool = False
 
 
 def ingest_image(
@@ -160,12 +164,10 @@ def add_captions(asset, captions, *, created=False) -> IngestResult:
 
 
 @dataclass
-class CaptionChanges:
+class CaptionChanges(FollowUps):
     added: list[Caption] = field(default_factory=list)
     edited: list[Caption] = field(default_factory=list)
     removed: list[Caption] = field(default_factory=list)
-    to_embed: list[int] = field(default_factory=list)
-    changes_indices: bool = False
 
 
 def update_captions(asset, *, add=(), edit=None, remove=()) -> CaptionChanges:
@@ -253,12 +255,10 @@ def remove_unused_files(files) -> list[str]:
 
 
 @dataclass
-class BulkUploadResult:
+class BulkUploadResult(FollowUps):
     created: list[ImageAsset] = field(default_factory=list)
     existing: list[ImageAsset] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
-    to_embed: list[int] = field(default_factory=list)
-    changes_indices: bool = False
 
 
 def ingest_many(files, captions_by_name=None, *, user=None, collection="") -> BulkUploadResult:

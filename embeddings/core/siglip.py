@@ -550,15 +550,9 @@ class SiglipEncoder:
         is returned: SigLIP was trained without one (the pad token is the EOS
         token and the last position is pooled).
         """
-        texts = _as_text_list(texts)
-        encoded = self.tokenizer(
-            texts,
-            padding="max_length",
-            max_length=TEXT_MAX_LENGTH,
-            truncation=True,
-            return_tensors="pt",
-        )
-        return {"input_ids": encoded["input_ids"]}
+        import torch
+
+        return {"input_ids": torch.from_numpy(self.token_ids(texts))}
 
     # -- encoding ----------------------------------------------------------
 
