@@ -158,12 +158,17 @@ def _search_text(model, check, query: str, k: int, started: float) -> SearchResu
     )
 
 
-def _image_results(model, check, vector, k, started, encoded) -> SearchResult:
+def _image_results(model, check, vector, k, started, encoded, exclude_asset: int | None = None) -> SearchResult:
+    """Captions and similar images of an image vector; ``exclude_asset``: the image searched
+    from, which is not its own similar image."""
     cache_use: list[str] = []
     captions = _nearest(model, IndexBuild.Modality.CAPTION, vector, k,
                         functools.partial(fetch_captions, check=check), cache_use)
-    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k,
-                      functools.partial(fetch_assets, check=check), cache_use)
+
+    def other_assets(ids):
+        return {i: row for i, row in fetch_assets(ids, check=check).items() if i != exclude_asset}
+
+    images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, other_assets, cache_use)
     done = time.perf_counter()
     return SearchResult(
         model=model,
@@ -190,7 +195,8 @@ def search_image(data: bytes, k=10) -> SearchResult:
 
 
 def search_asset(asset_id, k=10) -> SearchResult:
-    """The same for an image already in the collection, using its stored vector."""
+    """The same for an image already in the collection, using its stored vector: its best
+    captions, and the images most like it (itself left out)."""
     k = validate_k(k)
     started = time.perf_counter()
     try:
@@ -204,7 +210,7 @@ def search_asset(asset_id, k=10) -> SearchResult:
         row = Embedding.objects.filter(model=model, asset_id=asset_id).first()
         if row is None:
             raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
-        return _image_results(model, check, row.array, k, started, time.perf_counter())
+        return _image_results(model, check, row.array, k, started, time.perf_counter(), exclude_asset=asset_id)
 
     return _on_serving_model(search)
 

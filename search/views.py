@@ -6,6 +6,7 @@ from search import queries
 from search.errors import REFUSED, refusal
 from search.api.access import SEARCH_THROTTLES, check_throttles, search_allowed
 from search.forms import ImageSearchForm, TextSearchForm
+from search.models import ImageAsset
 from search.validation import read_upload
 
 DEFAULT_K = 12
@@ -24,7 +25,9 @@ def home(request):
         response = render(request, "search/home.html", context, status=429)
         response["Retry-After"] = str(int(wait) + 1)
         return response
-    context = {"text_form": TextSearchForm(request.GET or None), "image_form": ImageSearchForm()}
+    # The text form is bound only by a text search: a similar-images link carries no query.
+    context = {"text_form": TextSearchForm(request.GET if "q" in request.GET else None),
+               "image_form": ImageSearchForm()}
     status = 200
     try:
         if request.method == "POST":
@@ -39,6 +42,7 @@ def home(request):
         elif request.GET.get("similar"):
             context["result"] = queries.search_asset(request.GET["similar"], DEFAULT_K)
             context["mode"] = "image"
+            context["source"] = ImageAsset.objects.filter(pk=request.GET["similar"]).first()
         elif "q" in request.GET:
             form = context["text_form"]
             if form.is_valid():

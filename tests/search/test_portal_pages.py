@@ -54,6 +54,17 @@ def test_similar_images_link_searches_by_an_asset(client, indexed_assets):
     assert "Similar images" in response.content.decode()
 
 
+def test_similar_images_show_the_picture_searched_from_and_leave_it_out_of_the_results(client, indexed_assets):
+    source = indexed_assets[1]
+    response = client.get("/", {"similar": source.pk})
+    html = response.content.decode()
+    assert f'<figure class="source">\n      <img src="{source.file.url}"' in html
+    results = html.split("Similar images", 1)[1]
+    assert f"?similar={source.pk}\"" not in results
+    assert len(response.context["result"].images) == len(indexed_assets) - 1
+    assert "This field is required" not in html  # the link carries no text query
+
+
 def test_empty_text_query_shows_a_message_not_an_error_page(client, tiny_model):
     response = client.get("/", {"q": "   "})
     assert response.status_code == 400

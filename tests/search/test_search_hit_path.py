@@ -77,7 +77,8 @@ def test_a_remembered_model_that_fails_before_its_check_is_read_again(gallery, t
     # The remembered model has no vector for it; the one now active has.
     result = queries.search_asset(late.pk, k=3)
     assert result.model.pk == other.pk
-    assert [hit.asset.pk for hit in result.images] == [late.pk]
+    assert [hit.caption.asset_id for hit in result.captions] == [late.pk]  # the only captions `other` indexed
+    assert result.images == []  # nor any image but `late`, which is not its own neighbour
 
 
 def test_hits_carry_their_captions_in_caption_order(gallery):
@@ -289,3 +290,10 @@ def test_each_web_worker_warms_up_in_the_background(monkeypatch):
     gunicorn.post_worker_init(worker=None).join(timeout=30)
     assert ran.is_set()
     assert "url_patterns" in vars(get_resolver()), "the URL configuration is loaded before the first request"
+
+
+def test_images_similar_to_an_asset_leave_that_asset_out(gallery, api_client):
+    response = api_client.post("/api/search/image/", {"asset_id": gallery[0].pk, "k": 3}, format="json")
+    ids = [hit["asset"]["id"] if "asset" in hit else hit["id"] for hit in response.json()["images"]]
+    assert response.status_code == 200
+    assert sorted(ids) == sorted(asset.pk for asset in gallery[1:])  # the other two of three
