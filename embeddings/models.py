@@ -32,6 +32,10 @@ class EmbeddingModel(models.Model):
     image_size = models.PositiveIntegerField()
     is_active = models.BooleanField(default=False)
     created = models.DateTimeField(auto_now_add=True)
+    # SigLIP's sigmoid head: a text and an image match with probability
+    # σ(logit_scale · cosine + logit_bias), the checkpoint's own learned scale (exp'd) and bias.
+    logit_scale = models.FloatField(null=True, blank=True, help_text="The checkpoint's learned temperature, exp'd.")
+    logit_bias = models.FloatField(null=True, blank=True, help_text="The checkpoint's learned bias.")
 
     class Meta:
         constraints = [
@@ -50,6 +54,18 @@ class EmbeddingModel(models.Model):
     @classmethod
     def active(cls):
         return cls.objects.filter(is_active=True).first()
+
+    @property
+    def calibrated(self) -> bool:
+        return self.logit_scale is not None and self.logit_bias is not None
+
+    def match_probability(self, cosine: float) -> float | None:
+        """The probability that a text and an image with this cosine match, as the checkpoint's
+        sigmoid head says; None for a model whose head was not read."""
+        if not self.calibrated:
+            return None
+        logit = self.logit_scale * float(cosine) + self.logit_bias
+        return float(1.0 / (1.0 + np.exp(-logit))) if logit > -700 else 0.0
 
     def activate(self):
         with transaction.atomic():

@@ -41,15 +41,27 @@ def register_model(source: str, *, name: str | None = None, kind: str = Embeddin
     """Load a checkpoint once to learn its shape, then record (and activate) it."""
     source = str(Path(source).resolve()) if Path(source).is_dir() else source
     encoder = get_encoder(source, device=settings.SIGLIP_DEVICE).load()
+    scale, bias = encoder.logit_calibration()
     model, _ = EmbeddingModel.objects.update_or_create(
         name=name or source,
-        defaults={"source": source, "kind": kind, "dimension": encoder.dim, "image_size": encoder.image_size},
+        defaults={"source": source, "kind": kind, "dimension": encoder.dim, "image_size": encoder.image_size,
+                  "logit_scale": scale, "logit_bias": bias},
     )
     if activate:
         model.activate()
     return model
 
 
+
+
+def calibrate(model: EmbeddingModel) -> EmbeddingModel:
+    """Read the sigmoid head of a model registered before it was recorded (loads the checkpoint
+    once; searches then turn cosines into match probabilities without it)."""
+    if not model.calibrated:
+        model.logit_scale, model.logit_bias = get_encoder(model.source, device=settings.SIGLIP_DEVICE).load() \
+            .logit_calibration()
+        EmbeddingModel.objects.filter(pk=model.pk).update(logit_scale=model.logit_scale, logit_bias=model.logit_bias)
+    return model
 
 
 def train_and_register(options: dict, *, name: str | None = None, activate: bool = False, on_progress=None):

@@ -86,6 +86,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI and ReDoc as static files: the docs work offline
     "portal",
     "embeddings",
     "search",
@@ -190,10 +191,13 @@ SEARCH_RESULT_CACHE_SIZE = int(os.environ.get("SEARCH_RESULT_CACHE_SIZE", "4096"
 INDEX_DIR = Path(os.environ.get("INDEX_DIR", STATE_DIR / "indices"))
 VECTOR_INDEX_BACKEND = os.environ.get("VECTOR_INDEX_BACKEND", "faiss-flat")
 # Backend parameters as JSON, e.g. '{"ef_search": 128}' for faiss-hnsw or '{"nprobe": 64}' for
-# faiss-ivfpq; defaults and meanings in search/vector_index/<backend>.py and docs/scaling.md.
+# faiss-ivfpq; defaults and meanings in search/core/vector_index/<backend>.py and docs/scaling.md.
 VECTOR_INDEX_PARAMS = json.loads(os.environ.get("VECTOR_INDEX_PARAMS") or "{}")
 INDEX_VERSIONS_KEPT = int(os.environ.get("INDEX_VERSIONS_KEPT", "3"))
 SEARCH_MAX_K = 100
+# A text↔image hit "matches" when the checkpoint's sigmoid head gives it at least this
+# probability; below it for every hit, a search says "no good match" (docs/performance.md).
+SEARCH_MATCH_THRESHOLD = float(os.environ.get("SEARCH_MATCH_THRESHOLD", "0.5"))
 
 # Upload limits
 UPLOAD_MAX_BYTES = int(os.environ.get("UPLOAD_MAX_BYTES", str(20 * 1024 * 1024)))
@@ -278,6 +282,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Text→image, image→text and image→image search over SigLIP embeddings.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 LOGGING = {

@@ -28,16 +28,34 @@ class InvalidQuery(ValueError):
     """A query the caller must fix; the message says how."""
 
 
+class _Judged:
+    probability: float | None
+    match: bool | None
+
+    @property
+    def percent(self) -> str:
+        """The match probability as people read it ("87 %"), or "" when there is none."""
+        if self.probability is None:
+            return ""
+        return f"{self.probability:.0%}" if self.probability >= 0.01 else "<1%"
+
+
 @dataclass
-class ImageHit:
+class ImageHit(_Judged):
     asset: ImageAsset
-    score: float
+    score: float  # the cosine
+    # Text↔image hits of a model whose sigmoid head is known: the probability that query and hit
+    # match, and whether it reaches the threshold. None for image→image, which the head never saw.
+    probability: float | None = None
+    match: bool | None = None
 
 
 @dataclass
-class CaptionHit:
+class CaptionHit(_Judged):
     caption: Caption
     score: float
+    probability: float | None = None
+    match: bool | None = None
 
 
 @dataclass
@@ -47,6 +65,38 @@ class SearchResult:
     captions: list[CaptionHit] = field(default_factory=list)
     took_ms: float = 0.0
     timings: dict = field(default_factory=dict)
+    no_good_match: bool = False  # no text↔image hit reaches the threshold: the nearest are shown
+    reason: str = ""
+
+
+def validate_min_score(min_score) -> float | None:
+    """A match-probability threshold in [0, 1], or None for none."""
+    if min_score is None or min_score == "":
+        return None
+    try:
+        value = float(min_score)
+    except (TypeError, ValueError):
+        raise InvalidQuery("min_score must be a number between 0 and 1.") from None
+    if not 0.0 <= value <= 1.0:
+        raise InvalidQuery("min_score must be a number between 0 and 1 (a match probability).")
+    return value
+
+
+def _judge(model: EmbeddingModel, hits: list, min_score: float | None) -> tuple[list, str]:
+    """Give text↔image hits their match probability (``EmbeddingModel.match_probability``).
+    With ``min_score`` only the hits that reach it stay; when none does, the nearest stay,
+    marked as no match. The hits, and the reason when nothing matched ("" otherwise)."""
+    if not model.calibrated or not hits:
+        return hits, ""
+    threshold = settings.SEARCH_MATCH_THRESHOLD if min_score is None else min_score
+    for hit in hits:
+        hit.probability = model.match_probability(hit.score)
+        hit.match = hit.probability >= threshold
+    if any(hit.match for hit in hits):
+        return ([hit for hit in hits if hit.match] if min_score is not None else hits), ""
+    best = max(hit.probability for hit in hits)
+    return hits, (f"No good match: no result reaches a match probability of {threshold:.0%} "
+                  f"(the best has {best:.1%}); the nearest are shown.")
 
 
 def validate_k(k) -> int:
@@ -130,14 +180,17 @@ def fetch_captions(ids, check: ServingCheck | None = None) -> dict[int, Caption]
     return _rows_by_id(Caption, "a.*", ids, check)
 
 
-def search_text(query, k=10) -> SearchResult:
+def search_text(query, k=10, min_score=None) -> SearchResult:
+    """The k images nearest a text; with ``min_score`` only those whose match probability
+    reaches it (or, when none does, the nearest, marked ``no_good_match``)."""
     k = validate_k(k)
     query = clean_text_query(query)
+    min_score = validate_min_score(min_score)
     started = time.perf_counter()
-    return _on_serving_model(lambda model, check: _search_text(model, check, query, k, started))
+    return _on_serving_model(lambda model, check: _search_text(model, check, query, k, started, min_score))
 
 
-def _search_text(model, check, query: str, k: int, started: float) -> SearchResult:
+def _search_text(model, check, query: str, k: int, started: float, min_score: float | None = None) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     encoder = encoder_for(model)
     vector, cache = serving.text_embedding(model, encoder, query)
@@ -148,17 +201,21 @@ def _search_text(model, check, query: str, k: int, started: float) -> SearchResu
     shared = (shared_level and cache != serving.MISS, shared_level)
     fetch = functools.partial(fetch_assets, check=check)
     hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch, cache_use, shared)
+    images, reason = _judge(model, [ImageHit(a, s) for a, s in hits], min_score)
     done = time.perf_counter()
     return SearchResult(
         model=model,
-        images=[ImageHit(a, s) for a, s in hits],
+        images=images,
         took_ms=(done - started) * 1000,
         timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000,
                  "query_cache": cache, "result_cache": _result_cache(cache_use)},
+        no_good_match=bool(reason),
+        reason=reason,
     )
 
 
-def _image_results(model, check, vector, k, started, encoded, exclude_asset: int | None = None) -> SearchResult:
+def _image_results(model, check, vector, k, started, encoded, exclude_asset: int | None = None,
+                   min_score: float | None = None) -> SearchResult:
     """Captions and similar images of an image vector; ``exclude_asset``: the image searched
     from, which is not its own similar image."""
     cache_use: list[str] = []
@@ -169,35 +226,40 @@ def _image_results(model, check, vector, k, started, encoded, exclude_asset: int
         return {i: row for i, row in fetch_assets(ids, check=check).items() if i != exclude_asset}
 
     images = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, other_assets, cache_use)
+    caption_hits, reason = _judge(model, [CaptionHit(c, s) for c, s in captions], min_score)
     done = time.perf_counter()
     return SearchResult(
         model=model,
         images=[ImageHit(a, s) for a, s in images],
-        captions=[CaptionHit(c, s) for c, s in captions],
+        captions=caption_hits,
+        no_good_match=bool(reason),
+        reason=reason,
         took_ms=(done - started) * 1000,
         timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000,
                  "result_cache": _result_cache(cache_use)},
     )
 
 
-def search_image(data: bytes, k=10) -> SearchResult:
-    """Captions (image→text) and similar images (image→image) for uploaded image bytes."""
-
+def search_image(data: bytes, k=10, min_score=None) -> SearchResult:
+    """Captions (image→text) and similar images (image→image) for uploaded image bytes;
+    ``min_score`` as for text search, applied to the captions."""
     k = validate_k(k)
+    min_score = validate_min_score(min_score)
     decoded = inspect_image(data, keep_decoded=True).image
     started = time.perf_counter()
 
     def search(model, check):
         vector = encoder_for(model).encode_images([decoded])[0]
-        return _image_results(model, check, vector, k, started, time.perf_counter())
+        return _image_results(model, check, vector, k, started, time.perf_counter(), min_score=min_score)
 
     return _on_serving_model(search)
 
 
-def search_asset(asset_id, k=10) -> SearchResult:
+def search_asset(asset_id, k=10, min_score=None) -> SearchResult:
     """The same for an image already in the collection, using its stored vector: its best
     captions, and the images most like it (itself left out)."""
     k = validate_k(k)
+    min_score = validate_min_score(min_score)
     started = time.perf_counter()
     try:
         asset_id = int(asset_id)
@@ -210,7 +272,8 @@ def search_asset(asset_id, k=10) -> SearchResult:
         row = Embedding.objects.filter(model=model, asset_id=asset_id).first()
         if row is None:
             raise InvalidQuery(f"Image {asset_id} has not been embedded yet; try again shortly.")
-        return _image_results(model, check, row.array, k, started, time.perf_counter(), exclude_asset=asset_id)
+        return _image_results(model, check, row.array, k, started, time.perf_counter(), exclude_asset=asset_id,
+                              min_score=min_score)
 
     return _on_serving_model(search)
 

@@ -35,18 +35,20 @@ def home(request):
             context["image_form"] = form
             if form.is_valid():
                 k = form.cleaned_data.get("k") or DEFAULT_K
-                context["result"] = queries.search_image(read_upload(form.cleaned_data["image"]), k)
+                context["result"] = queries.search_image(read_upload(form.cleaned_data["image"]), k,
+                                                         form.cleaned_data.get("min_score"))
                 context["mode"] = "image"
             else:
                 status = 400
         elif request.GET.get("similar"):
-            context["result"] = queries.search_asset(request.GET["similar"], DEFAULT_K)
+            context["result"] = queries.search_asset(request.GET["similar"], DEFAULT_K, request.GET.get("min_score"))
             context["mode"] = "image"
             context["source"] = ImageAsset.objects.filter(pk=request.GET["similar"]).first()
         elif "q" in request.GET:
             form = context["text_form"]
             if form.is_valid():
-                context["result"] = queries.search_text(form.cleaned_data["q"], form.cleaned_data.get("k") or DEFAULT_K)
+                context["result"] = queries.search_text(form.cleaned_data["q"], form.cleaned_data.get("k") or DEFAULT_K,
+                                                        form.cleaned_data.get("min_score"))
                 context["mode"] = "text"
             else:
                 status = 400

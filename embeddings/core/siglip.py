@@ -581,6 +581,12 @@ class SiglipEncoder:
         tower = self._towers["image"]
         return self._in_batches(pixel_values, batch_size, lambda part: tower(np.ascontiguousarray(part)))
 
+    def logit_calibration(self) -> tuple[float, float]:
+        """The checkpoint's sigmoid head: (scale, bias) with σ(scale · cosine + bias) the
+        probability that a text and an image match (scale is ``exp(logit_scale)``)."""
+        model = self.model
+        return float(model.logit_scale.detach().float().exp()), float(model.logit_bias.detach().float())
+
     def encode_device_pixels(self, pixels) -> np.ndarray:
         """A batch of normalised pixels already on the model's device (a torch tensor in its
         dtype, as the bulk pipeline prepares them on a GPU) -> (N, dim) float32 unit vectors."""

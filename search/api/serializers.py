@@ -43,32 +43,56 @@ class AssetUploadSerializer(serializers.Serializer):
     collection = serializers.CharField(required=False, allow_blank=True, default="", max_length=100)
 
 
+def probability_field():
+    return serializers.FloatField(
+        allow_null=True, help_text="The match probability of a text↔image hit, σ(t·cosine + b) with the "
+                                   "checkpoint's own logit scale t and bias b; null for image→image.")
+
+
+def match_field():
+    return serializers.BooleanField(allow_null=True, help_text="Whether the probability reaches the threshold "
+                                                              "(min_score, or SEARCH_MATCH_THRESHOLD).")
+
+
 class ImageHitSerializer(serializers.Serializer):
     asset = AssetSerializer()
-    score = serializers.FloatField()
+    score = serializers.FloatField(help_text="The cosine similarity.")
+    probability = probability_field()
+    match = match_field()
 
 
 class CaptionHitSerializer(serializers.Serializer):
     id = serializers.IntegerField(source="caption.id")
     text = serializers.CharField(source="caption.text")
     asset_id = serializers.IntegerField(source="caption.asset_id")
-    score = serializers.FloatField()
+    score = serializers.FloatField(help_text="The cosine similarity.")
+    probability = probability_field()
+    match = match_field()
 
 
 def k_field():
     return serializers.IntegerField(required=False, default=10, min_value=1, max_value=settings.SEARCH_MAX_K)
 
 
+def min_score_field():
+    return serializers.FloatField(
+        required=False, allow_null=True, default=None, min_value=0.0, max_value=1.0,
+        help_text="Keep only text↔image hits whose match probability reaches this; when none does, the "
+                  "nearest come back with no_good_match true.")
+
+
 class TextSearchRequestSerializer(serializers.Serializer):
     query = serializers.CharField(trim_whitespace=True, allow_blank=False,
                                   help_text="Any length; the model reads its first 64 tokens.")
     k = k_field()
+    min_score = min_score_field()
 
 
 class ImageSearchRequestSerializer(serializers.Serializer):
     image = serializers.FileField(required=False)
     asset_id = serializers.IntegerField(required=False, min_value=1)
     k = k_field()
+    min_score = min_score_field()
 
     def validate(self, attrs):
         if bool(attrs.get("image")) == bool(attrs.get("asset_id")):
@@ -80,6 +104,8 @@ class TextSearchResponseSerializer(serializers.Serializer):
     results = ImageHitSerializer(many=True)
     took_ms = serializers.FloatField()
     model = serializers.CharField()
+    no_good_match = serializers.BooleanField(help_text="No hit reaches the threshold: the nearest are shown.")
+    reason = serializers.CharField(allow_blank=True, help_text="Why nothing matched; empty otherwise.")
 
 
 class ImageSearchResponseSerializer(serializers.Serializer):
@@ -87,6 +113,8 @@ class ImageSearchResponseSerializer(serializers.Serializer):
     images = ImageHitSerializer(many=True)
     took_ms = serializers.FloatField()
     model = serializers.CharField()
+    no_good_match = serializers.BooleanField(help_text="No caption reaches the threshold: the nearest are shown.")
+    reason = serializers.CharField(allow_blank=True, help_text="Why nothing matched; empty otherwise.")
 
 
 # Search answers are built without the serializer machinery above (instantiating
@@ -118,12 +146,17 @@ def search_response(result, request, *, captions: bool) -> dict:
     body = {}
     if captions:
         body["captions"] = [
-            {"id": hit.caption.pk, "text": hit.caption.text, "asset_id": hit.caption.asset_id, "score": hit.score}
+            {"id": hit.caption.pk, "text": hit.caption.text, "asset_id": hit.caption.asset_id, "score": hit.score,
+             "probability": hit.probability, "match": hit.match}
             for hit in result.captions
         ]
     body["images" if captions else "results"] = [
-        {"asset": asset_data(hit.asset, absolute_url), "score": hit.score} for hit in result.images
+        {"asset": asset_data(hit.asset, absolute_url), "score": hit.score, "probability": hit.probability,
+         "match": hit.match}
+        for hit in result.images
     ]
     body["took_ms"] = result.took_ms
     body["model"] = result.model.public_name
+    body["no_good_match"] = result.no_good_match
+    body["reason"] = result.reason
     return body

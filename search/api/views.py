@@ -92,7 +92,8 @@ class TextSearchView(APIView):
         started = time.perf_counter()
         params = serializers.TextSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
-        result = queries.search_text(params.validated_data["query"], params.validated_data["k"])
+        result = queries.search_text(params.validated_data["query"], params.validated_data["k"],
+                                     params.validated_data["min_score"])
         searched = time.perf_counter()
         return _timed(Response(serializers.search_response(result, request, captions=False)), result, started, searched)
 
@@ -113,8 +114,8 @@ class ImageSearchView(APIView):
         data = params.validated_data
         started = time.perf_counter()
         if data.get("image"):
-            result = queries.search_image(data["image"].read(), data["k"])
+            result = queries.search_image(data["image"].read(), data["k"], data["min_score"])
         else:
-            result = queries.search_asset(data["asset_id"], data["k"])
+            result = queries.search_asset(data["asset_id"], data["k"], data["min_score"])
         searched = time.perf_counter()
         return _timed(Response(serializers.search_response(result, request, captions=True)), result, started, searched)

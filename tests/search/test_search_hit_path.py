@@ -93,7 +93,7 @@ def _documented(serializer_class, payload, request):
     """What the DRF serializers describing the answer give, from freshly read rows
     (captions through the relation, not the search's gathered texts)."""
     fresh = ImageAsset.objects.prefetch_related("captions").in_bulk([hit.asset.pk for hit in payload["images"]])
-    hits = [queries.ImageHit(fresh[hit.asset.pk], hit.score) for hit in payload["images"]]
+    hits = [queries.ImageHit(fresh[hit.asset.pk], hit.score, hit.probability, hit.match) for hit in payload["images"]]
     data = {**payload, "images": hits}
     if "results" in serializer_class().fields:
         data["results"] = data.pop("images")
@@ -108,7 +108,8 @@ def test_text_search_json_is_what_the_schema_describes(gallery, api_client):
     result.took_ms = body["took_ms"]
     documented = _documented(
         s.TextSearchResponseSerializer,
-        {"images": result.images, "took_ms": result.took_ms, "model": result.model.name},
+        {"images": result.images, "took_ms": result.took_ms, "model": result.model.name,
+         "no_good_match": result.no_good_match, "reason": result.reason},
         response.wsgi_request,
     )
     assert body == documented
@@ -123,7 +124,7 @@ def test_image_search_json_is_what_the_schema_describes(gallery, api_client):
     documented = _documented(
         s.ImageSearchResponseSerializer,
         {"captions": result.captions, "images": result.images, "took_ms": body["took_ms"],
-         "model": result.model.name},
+         "model": result.model.name, "no_good_match": result.no_good_match, "reason": result.reason},
         response.wsgi_request,
     )
     assert body == documented

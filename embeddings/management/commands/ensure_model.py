@@ -41,7 +41,7 @@ class Command(BaseCommand):
     help = "Activate the configured SigLIP model, or an offline fallback when none can be loaded."
 
     def handle(self, *args, **options):
-        model = self.choose()
+        model = services.calibrate(self.choose())
         self.stdout.write(f"Active embedding model: {model.name} ({model.get_kind_display()}, {model.source})")
 
     def choose(self) -> EmbeddingModel:
