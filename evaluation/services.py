@@ -338,6 +338,9 @@ def _run_retrieval(run: BenchmarkRun, report: Reporter) -> None:
         keep=image_sample, progress=report.span(75, 87, "image → text queries"),
     )
     run.text_to_image, run.image_to_text = _finite(t2i), _finite(i2t)
+    if model.calibrated:  # how far the match probabilities the portal shows can be trusted
+        run.extra["calibration"] = metrics.match_calibration(
+            text_vectors, image_vectors, gallery.text_to_image, model.logit_scale, model.logit_bias)
     _save(run, "text_to_image", "image_to_text", "extra")
 
     # 6. Latency of single queries, as the portal serves them.

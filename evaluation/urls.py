@@ -4,5 +4,6 @@ from evaluation import views
 
 urlpatterns = [
     path("<int:pk>/", views.detail, name="benchmark-detail"),
+    path("<int:pk>/calibration.png", views.calibration_plot, name="benchmark-calibration"),
     path("plots/<slug:dataset>.png", views.recall_plot, name="benchmark-plot"),
 ]

@@ -79,3 +79,15 @@ def recall_plot(request, dataset):
     response = HttpResponse(png, content_type="image/png")
     response["Cache-Control"] = "max-age=60"
     return response
+
+
+@require_GET
+def calibration_plot(request, pk):
+    """PNG reliability diagram of a run's match probabilities."""
+    run = get_object_or_404(BenchmarkRun, pk=pk)
+    calibration = (run.extra or {}).get("calibration")
+    if not calibration:
+        raise Http404("This run has no calibration measurement.")
+    response = HttpResponse(plots.reliability_diagram(calibration), content_type="image/png")
+    response["Cache-Control"] = "max-age=3600"
+    return response

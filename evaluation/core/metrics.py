@@ -580,3 +580,59 @@ def metrics_from_search(
     counts = np.bincount(queries, minlength=ids.shape[0])
     found = np.isfinite(ranks)
     return _summarise(ids.shape[0], queries[found], ranks[found].astype(np.int64), counts, ks)
+
+
+def match_calibration(
+    text_embeddings: np.ndarray,
+    image_embeddings: np.ndarray,
+    text_to_image: np.ndarray,
+    scale: float,
+    bias: float,
+    bins: int = 10,
+    chunk: int = 1024,
+) -> dict:
+    """How well σ(scale · cosine + bias) works as the probability that a caption describes an
+    image, over every caption × image pair (a caption's own image is its one positive).
+
+    Returns ``ece`` (expected calibration error: the pair-weighted mean of
+    |positive rate − mean probability| over equal-width probability bins), ``pairs``,
+    ``positives`` and ``bins``: for each bin its bounds, pairs, mean probability and positive
+    rate (None for an empty bin) — the points of a reliability diagram. Pairs are streamed in
+    chunks of captions, so the caption × image matrix is never held whole.
+    """
+    text = _check_embeddings(text_embeddings, "text_embeddings")
+    images = _check_embeddings(image_embeddings, "image_embeddings")
+    mapping = _check_mapping(text_to_image, text.shape[0], images.shape[0])
+    if not (np.isfinite(scale) and np.isfinite(bias)):
+        raise ValueError("scale and bias must be finite numbers")
+    if int(bins) < 1:
+        raise ValueError("bins must be at least 1")
+    bins = int(bins)
+    count = np.zeros(bins, dtype=np.int64)
+    probability_sum = np.zeros(bins, dtype=np.float64)
+    positive_sum = np.zeros(bins, dtype=np.int64)
+    for start in range(0, text.shape[0], chunk):
+        cosines = text[start : start + chunk].astype(np.float64) @ images.T.astype(np.float64)
+        probabilities = 1.0 / (1.0 + np.exp(-(scale * cosines + bias)))
+        positive = np.zeros_like(probabilities, dtype=bool)
+        positive[np.arange(probabilities.shape[0]), mapping[start : start + chunk]] = True
+        which = np.minimum((probabilities * bins).astype(np.int64), bins - 1).ravel()
+        count += np.bincount(which, minlength=bins)
+        probability_sum += np.bincount(which, weights=probabilities.ravel(), minlength=bins)
+        positive_sum += np.bincount(which, weights=positive.ravel(), minlength=bins).astype(np.int64)
+    pairs = int(count.sum())
+    filled = count > 0
+    mean_probability = np.divide(probability_sum, count, out=np.zeros(bins), where=filled)
+    positive_rate = np.divide(positive_sum, count, out=np.zeros(bins), where=filled)
+    ece = float(np.sum(count[filled] / pairs * np.abs(positive_rate[filled] - mean_probability[filled])))
+    return {
+        "ece": ece,
+        "pairs": pairs,
+        "positives": int(positive_sum.sum()),
+        "bins": [
+            {"low": i / bins, "high": (i + 1) / bins, "pairs": int(count[i]),
+             "mean_probability": float(mean_probability[i]) if filled[i] else None,
+             "positive_rate": float(positive_rate[i]) if filled[i] else None}
+            for i in range(bins)
+        ],
+    }

@@ -141,3 +141,27 @@ def sample_grid(text_rows, image_rows, *, title: str = "") -> bytes:
         ax.axis("off")
         ax.text(0.5, 0.5, "no sample queries", ha="center", va="center")
     return _png(fig, dpi=90)
+
+
+def reliability_diagram(calibration: dict, *, title: str = "") -> bytes:
+    """Mean match probability against the share of true pairs in each probability bin (the
+    diagonal is perfect calibration), with each bin's pair count on a log scale below."""
+    fig = Figure(figsize=(5.2, 5.6))
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    filled = [b for b in calibration["bins"] if b["pairs"]]
+    top.plot([0, 1], [0, 1], color=WRONG, linestyle="--", linewidth=1, label="perfectly calibrated")
+    top.plot([b["mean_probability"] for b in filled], [b["positive_rate"] for b in filled], marker="o",
+             color=CORRECT, label="this model")
+    top.set_ylabel("share of true caption–image pairs")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(title or f"Match probability calibration (ECE {calibration['ece']:.4f})", fontsize=10)
+    centres = [(b["low"] + b["high"]) / 2 for b in calibration["bins"]]
+    width = calibration["bins"][0]["high"] - calibration["bins"][0]["low"]
+    bottom.bar(centres, [max(b["pairs"], 0.1) for b in calibration["bins"]], width=width * 0.9, color=WRONG)
+    bottom.set_yscale("log")
+    bottom.set_ylabel("pairs")
+    bottom.set_xlabel("match probability σ(t·cos + b)")
+    fig.tight_layout()
+    return _png(fig)

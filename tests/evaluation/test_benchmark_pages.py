@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -218,3 +219,18 @@ def test_every_page_has_a_favicon(client):
     response = client.get("/favicon.ico", follow=True)
     assert response.status_code == 200
     assert b"".join(response.streaming_content)[:4] == b"\x00\x00\x01\x00"  # an ICO file
+
+
+def test_a_run_shows_how_well_its_match_probabilities_are_calibrated(client, finished_run):
+    from evaluation.core.metrics import match_calibration
+
+    assert "Match probabilities" not in client.get(f"/benchmarks/{finished_run.pk}/").content.decode()
+    assert client.get(f"/benchmarks/{finished_run.pk}/calibration.png").status_code == 404
+    rng = np.random.default_rng(0)
+    finished_run.extra = {"calibration": match_calibration(rng.standard_normal((20, 4)), rng.standard_normal((5, 4)),
+                                                           np.repeat(np.arange(5), 4), scale=2.0, bias=-1.0)}
+    finished_run.save()
+    html = client.get(f"/benchmarks/{finished_run.pk}/").content.decode()
+    assert "Match probabilities" in html and f"{finished_run.extra['calibration']['ece']:.4f}" in html
+    plot = client.get(f"/benchmarks/{finished_run.pk}/calibration.png")
+    assert plot.status_code == 200 and plot["Content-Type"] == "image/png" and plot.content.startswith(PNG_MAGIC)

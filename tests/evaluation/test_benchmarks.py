@@ -148,6 +148,8 @@ def test_the_benchmark_command_runs_in_process_and_prints_the_metrics(tiny_model
     r1 = f"{100 * run.text_to_image['recall@1']:.1f}"
     assert any(line.startswith("text → image") and r1 in line for line in out.splitlines())
     assert "image → text" in out and "images/s" in out
+    calibration = run.extra["calibration"]  # the match probabilities of its 3 × 10 pairs, binned
+    assert calibration["pairs"] == 30 and calibration["positives"] == 10 and 0.0 <= calibration["ece"] <= 1.0
 
     with pytest.raises(CommandError, match="no such file or folder"):
         call_command("benchmark", str(tmp_path / "nothing-here"))
