@@ -1,8 +1,13 @@
+from pathlib import Path
+
+from django.conf import settings
 from django.core.cache import cache
 from django.db.models import Count, Max
 from django.http import Http404, HttpResponse, HttpResponseForbidden
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_GET, require_http_methods
+from markdown_it import MarkdownIt
 
 from evaluation import datasets
 from evaluation.core import plots
@@ -59,7 +64,8 @@ def detail(request, pk):
         "run": run,
         "directions": directions,
         "refresh": REFRESH_SECONDS if run.may_still_change else None,
-        "published": plots.PUBLISHED_R1.get(run.dataset),
+        "published": plots.PUBLISHED_R1.get(run.dataset)
+        if plots.comparable_to_published(run.dataset, run.split, run.gallery_images) else None,
     }
     return render(request, "evaluation/detail.html", context)
 
@@ -91,3 +97,11 @@ def calibration_plot(request, pk):
     response = HttpResponse(plots.reliability_diagram(calibration), content_type="image/png")
     response["Cache-Control"] = "max-age=3600"
     return response
+
+
+@require_GET
+def metrics_doc(request):
+    """docs/metrics.md as a page: what every number of a benchmark run means."""
+    text = (Path(settings.BASE_DIR) / "docs" / "metrics.md").read_text()
+    html = MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+    return render(request, "evaluation/metrics.html", {"body": mark_safe(html)})

@@ -22,8 +22,7 @@ from evaluation.core import metrics
 from search.api import serializers
 from search.models import IndexBuild
 from search.queries import CaptionHit, ImageHit, SearchResult, fetch_assets, fetch_captions
-from search.serving import (QueryEmbeddingCache, ServingCheck, loaded_indices, serving_model, shared_level,
-                            write_behind)
+from search.serving import QueryEmbeddingCache, ServingCheck, loaded_indices, serving_model, shared_level, write_behind
 from search.validation import inspect_image
 
 

@@ -25,8 +25,13 @@ from evaluation.bench.galleries import BENCH_COLLECTION, write_synthetic_gallery
 from evaluation.bench.http_client import TOP_K, run_jobs
 from evaluation.bench.inputs import photo_jpeg, query_texts
 from evaluation.bench.machine import machine_description
-from evaluation.bench.query_checks import (cache_lookup_cost, embedding_quality, load_encoder, query_breakdown,
-                                           recall_comparison)
+from evaluation.bench.query_checks import (
+    cache_lookup_cost,
+    embedding_quality,
+    load_encoder,
+    query_breakdown,
+    recall_comparison,
+)
 from evaluation.bench.records import record_query_latency
 from evaluation.bench.servers import process_group_cpu_seconds, start_server, stop_server, warm_server
 from evaluation.bench.stats import latency_summary, median

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import math
 import textwrap
 from collections import defaultdict
+from datetime import timedelta
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,6 +26,34 @@ PUBLISHED_R1 = {
     "coco": {"text_to_image": 47.8, "image_to_text": 65.7},
 }
 PUBLISHED_SPLITS = {"flickr30k": "1K test", "coco": "5K test"}
+# The gallery those numbers were measured on: the published line is drawn only beside runs on it.
+PUBLISHED_GALLERIES = {"flickr30k": ("test", 1000), "coco": ("test", 5000)}
+
+
+def comparable_to_published(dataset: str, split: str, gallery_images: int | None) -> bool:
+    """Whether a run measured the same split and gallery as the published reference values."""
+    return PUBLISHED_GALLERIES.get(dataset) == ((split or "test"), gallery_images)
+
+
+def time_axis_limits(times) -> tuple:
+    """The span of the runs' times, padded (a day at least), not the years around a single one."""
+    span = max(times) - min(times)
+    pad = max(span * 0.05, timedelta(hours=12))
+    return min(times) - pad, max(times) + pad
+
+
+def chance_recall(direction: str, k: int, images: int, captions: int) -> float:
+    """Recall@k (in %) of a ranking drawn at random: text → image finds the one right image
+    among ``images``; image → text finds any of its captions (``captions / images`` of them)
+    among ``captions``."""
+    if not images or not captions:
+        return float("nan")
+    if direction == "text_to_image":
+        return 100 * min(1.0, k / images)
+    own = max(1, round(captions / images))
+    if k > captions - own:
+        return 100.0
+    return 100 * (1 - math.comb(captions - own, k) / math.comb(captions, k))
 
 CORRECT = "#1a7f37"
 WRONG = "#8a8f98"
@@ -46,7 +76,9 @@ def recall_history(dataset: str, runs) -> bytes:
     for run in runs:
         series[(run.public_model_name or "?", run.gallery_images)].append(run)
     colours = {key: f"C{i % 10}" for i, key in enumerate(sorted(series))}
-    reference = PUBLISHED_R1.get(dataset, {})
+    comparable = any(comparable_to_published(dataset, r.split, r.gallery_images) for r in runs)
+    reference = PUBLISHED_R1.get(dataset, {}) if comparable else {}
+    times = [r.finished or r.created for r in runs]
     for ax, (direction, title) in zip(axes, DIRECTIONS):
         for key, points in sorted(series.items()):
             points = sorted(points, key=lambda r: r.finished or r.created)
@@ -54,6 +86,9 @@ def recall_history(dataset: str, runs) -> bytes:
             for k, linestyle, marker in RECALL_STYLES:
                 values = [_percent(r, direction, k) for r in points]
                 ax.plot(when, values, linestyle=linestyle, marker=marker, color=colours[key], markersize=5)
+            # What a random ranking scores at R@10 on this gallery: the floor a model must clear.
+            chance = chance_recall(direction, 10, points[-1].gallery_images or 0, points[-1].gallery_captions or 0)
+            ax.axhline(chance, color=colours[key], linewidth=0.8, linestyle=(0, (1, 2)), alpha=0.8)
         if direction in reference:
             value = reference[direction]
             ax.axhline(value, color="black", linewidth=1, linestyle=(0, (6, 3)), alpha=0.7)
@@ -64,6 +99,7 @@ def recall_history(dataset: str, runs) -> bytes:
         ax.set_ylim(0, 101)
         ax.grid(True, alpha=0.3)
         if series:
+            ax.set_xlim(*time_axis_limits(times))
             locator = AutoDateLocator()
             ax.xaxis.set_major_locator(locator)
             ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
@@ -75,6 +111,8 @@ def recall_history(dataset: str, runs) -> bytes:
                       label=textwrap.shorten(f"{name} ({size} images)", 60)) for key in sorted(series)
                for name, size in [key]]
     handles += [Line2D([], [], color="grey", linestyle=ls, marker=m, label=f"R@{k}") for k, ls, m in RECALL_STYLES]
+    handles.append(Line2D([], [], color="grey", linewidth=0.8, linestyle=(0, (1, 2)),
+                          label="R@10 of a random ranking (per gallery)"))
     if reference:
         handles.append(Line2D([], [], color="black", linestyle=(0, (6, 3)), label="published reference value"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=8, frameon=False)

@@ -234,3 +234,35 @@ def test_a_run_shows_how_well_its_match_probabilities_are_calibrated(client, fin
     assert "Match probabilities" in html and f"{finished_run.extra['calibration']['ece']:.4f}" in html
     plot = client.get(f"/benchmarks/{finished_run.pk}/calibration.png")
     assert plot.status_code == 200 and plot["Content-Type"] == "image/png" and plot.content.startswith(PNG_MAGIC)
+
+
+def test_chance_recall_is_what_a_random_ranking_scores():
+    from evaluation.core.plots import chance_recall
+
+    assert chance_recall("text_to_image", 10, 1000, 5000) == pytest.approx(1.0)
+    assert chance_recall("image_to_text", 1, 1000, 5000) == pytest.approx(0.1)  # 5 of 5000 captions are right
+    assert chance_recall("image_to_text", 10, 40, 200) == pytest.approx(22.83, abs=0.01)  # 1 - C(195,10)/C(200,10)
+    assert chance_recall("text_to_image", 10, 4, 20) == 100.0
+
+
+def test_the_time_axis_spans_the_runs_not_the_years_around_one():
+    from evaluation.core.plots import time_axis_limits
+
+    now = timezone.now()
+    low, high = time_axis_limits([now])
+    assert high - low == timedelta(days=1) and low < now < high
+    low, high = time_axis_limits([now - timedelta(days=30), now])
+    assert timedelta(days=30) < high - low < timedelta(days=34)
+
+
+def test_published_values_are_shown_only_beside_a_run_on_the_same_gallery(client, finished_run):
+    assert "Published zero-shot R@1" in client.get(f"/benchmarks/{finished_run.pk}/").content.decode()
+    finished_run.gallery_images = 40  # a 40-image run of the same dataset is not comparable
+    finished_run.save()
+    assert "Published zero-shot R@1" not in client.get(f"/benchmarks/{finished_run.pk}/").content.decode()
+
+
+def test_the_metrics_are_explained_on_a_page_linked_from_the_benchmarks(client, finished_run):
+    assert "/benchmarks/metrics/" in client.get("/benchmarks/").content.decode()
+    page = client.get("/benchmarks/metrics/")
+    assert page.status_code == 200 and "<h1>Retrieval metrics</h1>" in page.content.decode()

@@ -14,13 +14,12 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from embeddings.models import Embedding, EmbeddingModel
-from search import asset_vectors, index_sync
-from search.models import ImageAsset
-from search import tasks
-from embeddings.services import activate_demo_model, demo_checkpoint
 from embeddings.core import synthetic
+from embeddings.models import Embedding, EmbeddingModel
+from embeddings.services import activate_demo_model, demo_checkpoint
 from evaluation import datasets
+from search import asset_vectors, index_sync, tasks
+from search.models import ImageAsset
 
 DEMO_COLLECTION = "shapes-demo"
 
