@@ -17,6 +17,7 @@ handler400 = "portal.middleware.bad_request"
 
 urlpatterns = [
     path("", search.views.home, name="home"),
+    path("assets/<int:pk>/", search.views.asset_page, name="asset"),
     path("benchmarks/", evaluation.views.history, name="benchmarks"),
     path("benchmarks/", include("evaluation.urls")),
     path("admin/", admin.site.urls),

@@ -104,3 +104,8 @@ def assets_missing_vectors(model: EmbeddingModel):
 def mark_failed(asset_id: int, reason: str) -> None:
 
     ImageAsset.objects.filter(pk=asset_id).update(status=ImageAsset.Status.FAILED, error=reason[:2000])
+
+
+def models_with_vectors(asset) -> list[EmbeddingModel]:
+    """The models that hold a vector of this asset's image."""
+    return list(EmbeddingModel.objects.filter(embeddings__asset=asset).distinct().order_by("name"))

@@ -1,8 +1,10 @@
 from django.contrib.auth.views import redirect_to_login
+from django.core.paginator import Paginator
+from django.shortcuts import get_object_or_404
 from django.shortcuts import render
 from django.views.decorators.http import require_http_methods
 
-from search import queries
+from search import asset_vectors, queries
 from search.errors import REFUSED, refusal
 from search.api.access import SEARCH_THROTTLES, check_throttles, search_allowed
 from search.forms import ImageSearchForm, TextSearchForm
@@ -10,6 +12,7 @@ from search.models import ImageAsset
 from search.validation import read_upload
 
 DEFAULT_K = 12
+LIBRARY_PAGE = 24  # pictures per page of the library
 
 
 @require_http_methods(["GET", "POST"])
@@ -28,6 +31,10 @@ def home(request):
     # The text form is bound only by a text search: a similar-images link carries no query.
     context = {"text_form": TextSearchForm(request.GET if "q" in request.GET else None),
                "image_form": ImageSearchForm()}
+    if not searching:  # no query: the library, newest first
+        context["library"] = Paginator(
+            ImageAsset.objects.prefetch_related("captions").order_by("-created", "-pk"), LIBRARY_PAGE
+        ).get_page(request.GET.get("page"))
     status = 200
     try:
         if request.method == "POST":
@@ -55,3 +62,18 @@ def home(request):
     except REFUSED as exc:
         status, context["error"] = refusal(exc)
     return render(request, "search/home.html", context, status=status)
+
+
+@require_http_methods(["GET", "HEAD"])
+def asset_page(request, pk):
+    """One picture: full size, captions, metadata, its best captions and the images most like it."""
+    if not search_allowed(request.user):
+        return redirect_to_login(request.get_full_path())
+    asset = get_object_or_404(ImageAsset.objects.select_related("uploaded_by").prefetch_related("captions"), pk=pk)
+    context = {"asset": asset, "embedded_with": asset_vectors.models_with_vectors(asset)}
+    if asset.status == ImageAsset.Status.EMBEDDED:
+        try:
+            context["result"] = queries.search_asset(asset.pk, DEFAULT_K)
+        except REFUSED as exc:  # no active model, not embedded by it yet: the page stands, a note says why
+            context["error"] = refusal(exc)[1]
+    return render(request, "search/asset.html", context)
