@@ -196,8 +196,8 @@ VECTOR_INDEX_PARAMS = json.loads(os.environ.get("VECTOR_INDEX_PARAMS") or "{}")
 INDEX_VERSIONS_KEPT = int(os.environ.get("INDEX_VERSIONS_KEPT", "3"))
 SEARCH_MAX_K = 100
 # A text↔image hit "matches" when the checkpoint's sigmoid head gives it at least this
-# probability; below it for every hit, a search says "no good match" (docs/performance.md).
-SEARCH_MATCH_THRESHOLD = float(os.environ.get("SEARCH_MATCH_THRESHOLD", "0.5"))
+# probability; below it for every hit, a search says "no good match" (docs/evaluation.md).
+SEARCH_MATCH_THRESHOLD = float(os.environ.get("SEARCH_MATCH_THRESHOLD", "0.1"))
 
 # Upload limits
 UPLOAD_MAX_BYTES = int(os.environ.get("UPLOAD_MAX_BYTES", str(20 * 1024 * 1024)))

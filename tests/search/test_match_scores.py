@@ -42,13 +42,13 @@ def test_registering_a_model_records_its_sigmoid_head(tiny_model, tiny_checkpoin
     assert tiny_model.match_probability(cosine) == pytest.approx(1 / (1 + math.exp(-logit)))
 
 
-def test_each_text_hit_carries_its_match_probability(gallery, tiny_model, api_client):
+def test_each_text_hit_carries_its_match_probability(gallery, tiny_model, api_client, settings):
     calibrate(tiny_model, 10.0, 0.0)
     body = api_client.post("/api/search/text/", {"query": "a red square", "k": 4}, format="json").json()
     assert len(body["results"]) == 4
     for hit in body["results"]:
         assert hit["probability"] == pytest.approx(1 / (1 + np.exp(-10.0 * hit["score"])), abs=1e-6)
-        assert hit["match"] == (hit["probability"] >= 0.5)
+        assert hit["match"] == (hit["probability"] >= settings.SEARCH_MATCH_THRESHOLD)
     assert body["no_good_match"] == (not any(hit["match"] for hit in body["results"]))
 
 

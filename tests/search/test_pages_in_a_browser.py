@@ -1,0 +1,118 @@
+"""The portal's pages in a real browser: headless Chromium (Debian's package) driven by
+Playwright, against a live server on the test database, with the committed demo model and
+pictures of its world. Each test saves a screenshot under <state>/screenshots/."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.core.management import call_command
+
+from embeddings import services
+from embeddings.core import synthetic
+from search.models import ImageAsset
+from tests.helpers import image_bytes
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    if CHROMIUM is None:
+        pytest.fail("No Chromium found: bin/test installs Debian's chromium package for these tests.")
+    # Playwright's sync API runs an event loop in this thread; the test's own ORM calls are
+    # still plain synchronous code.
+    os.environ["DJANGO_ALLOW_ASYNC_UNSAFE"] = "true"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, live_server):
+    context = browser.new_context(viewport={"width": 1200, "height": 900}, base_url=live_server.url)
+    # Nothing leaves the machine: a page that needs the internet fails here as it would offline.
+    context.route("**/*", lambda route: route.continue_() if route.request.url.startswith(live_server.url)
+                  else route.abort())
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def screenshot(page, name: str) -> Path:
+    folder = Path(settings.STATE_DIR) / "screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+@pytest.fixture
+def demo_world(monkeypatch, clean_state, tmp_path):
+    """The committed demo model and 24 unseen pictures of its world, imported and indexed."""
+    monkeypatch.setattr(synthetic, "DEMO_DATA", dict(synthetic.DEMO_DATA, n_val=4, n_test=24))
+    call_command("demo", "--in-process")
+    model = services.active_model()
+    assert model.kind == "demo" and ImageAsset.objects.count() == 24
+    return model
+
+
+def test_the_library_then_a_text_search_with_match_probabilities(page, demo_world):
+    page.goto("/")
+    assert page.locator(".grid .card").count() == 24
+    assert "24 pictures, newest first" in page.text_content("main, body")
+    screenshot(page, "library")
+    page.fill("input[name=q]", "a red circle")
+    page.click("form.text-search button[type=submit]")
+    page.wait_for_selector(".grid .card")
+    assert page.locator(".grid .card").count() == 12
+    first = page.locator(".grid .card .prob").first.text_content()
+    assert first.endswith("% match")
+    screenshot(page, "text-search")
+
+
+def test_a_query_nothing_matches_says_no_good_match(page, demo_world):
+    page.goto("/?q=123&min_score=0.99")
+    notice = page.locator("p.notice")
+    assert notice.is_visible() and "No good match" in notice.text_content()
+    assert page.locator(".grid .card").count() == 12  # the nearest, shown anyway
+    screenshot(page, "no-good-match")
+
+
+def test_a_photo_search_from_the_file_picker(page, demo_world, tmp_path):
+    photo = tmp_path / "red.png"
+    photo.write_bytes(image_bytes((220, 30, 30), size=(64, 64)))
+    page.goto("/")
+    page.set_input_files("input[name=image]", str(photo))
+    page.click("form.image-search button[type=submit]")
+    page.wait_for_selector("ol.captions li")
+    assert page.locator("ol.captions li").count() == 12 and page.locator(".grid .card").count() == 12
+    screenshot(page, "photo-search")
+
+
+def test_similar_images_show_their_source_and_an_asset_page_its_neighbours(page, demo_world):
+    asset = ImageAsset.objects.order_by("pk").first()
+    page.goto(f"/?similar={asset.pk}")
+    assert page.locator("figure.source img").is_visible()
+    assert page.locator(f'.grid a[href="?similar={asset.pk}"]').count() == 0
+    assert page.locator("p.error").count() == 0
+    screenshot(page, "similar-images")
+    page.goto(f"/assets/{asset.pk}/")
+    assert page.locator(".asset .full img").evaluate("img => img.naturalWidth") == asset.width
+    assert page.locator("h2", has_text="Similar images").is_visible()
+    assert page.locator(".grid .card").count() == 12
+    screenshot(page, "asset-page")
+
+
+def test_the_api_docs_render_without_the_internet(page, demo_world):
+    page.goto("/api/docs/")
+    page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
+    assert page.locator(".swagger-ui .opblock").count() >= 5
+    screenshot(page, "api-docs")
