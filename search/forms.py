@@ -13,6 +13,11 @@ class TextSearchForm(forms.Form):
     k = forms.IntegerField(min_value=1, max_value=settings.SEARCH_MAX_K, initial=12, required=False)
     min_score = min_score_field()
 
+    def __init__(self, *args, demo: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if demo:  # the demo model knows coloured shapes, not surfers
+            self.fields["q"].widget.attrs["placeholder"] = "a small red circle"
+
 
 class ImageSearchForm(forms.Form):
     image = forms.FileField(label="Search with a photo",

@@ -1,12 +1,13 @@
 from django.contrib.auth.views import redirect_to_login
 from django.core.paginator import Paginator
-from django.shortcuts import get_object_or_404
-from django.shortcuts import render
+from django.db import DatabaseError
+from django.shortcuts import get_object_or_404, render
 from django.views.decorators.http import require_http_methods
 
+from embeddings.models import EmbeddingModel
 from search import asset_vectors, queries
-from search.errors import REFUSED, refusal
 from search.api.access import SEARCH_THROTTLES, check_throttles, search_allowed
+from search.errors import REFUSED, refusal
 from search.forms import ImageSearchForm, TextSearchForm
 from search.models import ImageAsset
 from search.validation import read_upload
@@ -15,21 +16,29 @@ DEFAULT_K = 12
 LIBRARY_PAGE = 24  # pictures per page of the library
 
 
+def _demo_model_active() -> bool:
+    try:
+        return EmbeddingModel.objects.filter(is_active=True, kind=EmbeddingModel.Kind.DEMO).exists()
+    except DatabaseError:  # the page still renders; the search itself reports the outage
+        return False
+
+
 @require_http_methods(["GET", "POST"])
 def home(request):
     """Text search by GET ?q=, photo search by POST, similar images by GET ?similar=<asset id>."""
     if not search_allowed(request.user):
         return redirect_to_login(request.get_full_path())
     searching = request.method == "POST" or bool(request.GET.get("similar")) or "q" in request.GET
+    demo = _demo_model_active()
     wait = check_throttles(request, SEARCH_THROTTLES) if searching else None
     if wait is not None:
-        context = {"text_form": TextSearchForm(), "image_form": ImageSearchForm(),
+        context = {"text_form": TextSearchForm(demo=demo), "image_form": ImageSearchForm(),
                    "error": f"Too many searches; try again in {int(wait) + 1} seconds."}
         response = render(request, "search/home.html", context, status=429)
         response["Retry-After"] = str(int(wait) + 1)
         return response
     # The text form is bound only by a text search: a similar-images link carries no query.
-    context = {"text_form": TextSearchForm(request.GET if "q" in request.GET else None),
+    context = {"text_form": TextSearchForm(request.GET if "q" in request.GET else None, demo=demo),
                "image_form": ImageSearchForm()}
     if not searching:  # no query: the library, newest first
         context["library"] = Paginator(

@@ -73,3 +73,11 @@ def test_with_login_required_the_library_and_asset_pages_send_visitors_to_log_in
     for url in ("/", f"/assets/{library[0].pk}/"):
         response = client.get(url)
         assert response.status_code == 302 and "login" in response["Location"]
+
+
+def test_the_search_box_suggests_a_query_the_active_model_knows(client, tiny_model):
+    assert 'placeholder="a man riding a surfboard"' in client.get("/").content.decode()
+    from embeddings.models import EmbeddingModel
+
+    EmbeddingModel.objects.filter(pk=tiny_model.pk).update(kind=EmbeddingModel.Kind.DEMO)
+    assert 'placeholder="a small red circle"' in client.get("/").content.decode()
