@@ -2,7 +2,7 @@ from django import forms
 from django.conf import settings
 
 
-def min_score_field():
+def _min_score_field():
     return forms.FloatField(min_value=0, max_value=1, required=False, label="Minimum match probability",
                             widget=forms.NumberInput(attrs={"step": "0.05", "placeholder": "0–1"}))
 
@@ -11,7 +11,7 @@ class TextSearchForm(forms.Form):
     q = forms.CharField(label="Describe the image", strip=True,
                         widget=forms.TextInput(attrs={"placeholder": "a man riding a surfboard", "autofocus": True}))
     k = forms.IntegerField(min_value=1, max_value=settings.SEARCH_MAX_K, initial=12, required=False)
-    min_score = min_score_field()
+    min_score = _min_score_field()
 
     def __init__(self, *args, demo: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -23,4 +23,4 @@ class ImageSearchForm(forms.Form):
     image = forms.FileField(label="Search with a photo",
                             widget=forms.ClearableFileInput(attrs={"accept": "image/*"}))
     k = forms.IntegerField(min_value=1, max_value=settings.SEARCH_MAX_K, initial=12, required=False)
-    min_score = min_score_field()
+    min_score = _min_score_field()

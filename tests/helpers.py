@@ -89,3 +89,16 @@ def two_colour_image(width, height):
     image = Image.new("RGB", (width, height), (0, 0, 255))
     image.paste((255, 0, 0), (0, 0, width // 2, height))
     return image
+
+
+# Captions the tiny checkpoints of the encoder tests train their tokenizer on (the first N of them).
+ENCODER_CAPTIONS = [
+    "a photo of a red car parked on the street",
+    "a brown dog running on the beach",
+    "two cats sleeping on a grey sofa",
+    "a bowl of fresh fruit on a wooden table",
+    "snowy mountains under a blue sky at sunset",
+    "a person riding a bicycle through the park",
+    "a plate of pasta with tomato sauce",
+    "an old lighthouse next to the sea",
+]

@@ -22,14 +22,9 @@ from embeddings.core.checkpoints import (
     tiny_siglip_config,
     train_sentencepiece_tokenizer,
 )
+from tests.helpers import ENCODER_CAPTIONS
 
-CAPTIONS = [
-    "a photo of a red car parked on the street",
-    "a brown dog running on the beach",
-    "two cats sleeping on a grey sofa",
-    "a bowl of fresh fruit on a wooden table",
-    "snowy mountains under a blue sky at sunset",
-]
+CAPTIONS = ENCODER_CAPTIONS[:5]
 
 
 @pytest.fixture(scope="module")

@@ -29,18 +29,9 @@ from embeddings.core.siglip import (
     get_encoder,
     load_image,
 )
-from tests.helpers import jpeg_bytes, two_colour_image
+from tests.helpers import ENCODER_CAPTIONS, jpeg_bytes, two_colour_image
 
-CAPTIONS = [
-    "a photo of a red car parked on the street",
-    "a brown dog running on the beach",
-    "two cats sleeping on a grey sofa",
-    "a bowl of fresh fruit on a wooden table",
-    "snowy mountains under a blue sky at sunset",
-    "a person riding a bicycle through the park",
-    "a plate of pasta with tomato sauce",
-    "an old lighthouse next to the sea",
-]
+CAPTIONS = ENCODER_CAPTIONS
 
 # transformers' SigLIP PIL image processor and ImagePreprocessor perform the
 # same Pillow resize followed by the same float64 rescale and float32

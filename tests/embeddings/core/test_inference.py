@@ -17,15 +17,9 @@ from PIL import Image
 from embeddings.core import inference, siglip
 from embeddings.core.checkpoints import build_random_checkpoint, tiny_siglip_config
 from embeddings.core.siglip import SiglipEncoder, get_encoder
+from tests.helpers import ENCODER_CAPTIONS
 
-CAPTIONS = [
-    "a photo of a red car parked on the street",
-    "a brown dog running on the beach",
-    "two cats sleeping on a grey sofa",
-    "a bowl of fresh fruit on a wooden table",
-    "snowy mountains under a blue sky at sunset",
-    "a person riding a bicycle through the park",
-]
+CAPTIONS = ENCODER_CAPTIONS[:6]
 QUERIES = CAPTIONS + ["A RED CAR!", "dogs", "a cat on a sofa next to a window " * 6]
 MIN_COSINE = 0.99
 FASTER = ("torch-int8", "onnx", "onnx-int8")
