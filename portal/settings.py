@@ -198,6 +198,9 @@ SEARCH_MAX_K = 100
 # A text↔image hit "matches" when the checkpoint's sigmoid head gives it at least this
 # probability; below it for every hit, a search says "no good match" (docs/evaluation.md).
 SEARCH_MATCH_THRESHOLD = float(os.environ.get("SEARCH_MATCH_THRESHOLD", "0.1"))
+# Pages of a text search: at most this many results in all, through cursors valid this long (s).
+SEARCH_MAX_RESULTS = int(os.environ.get("SEARCH_MAX_RESULTS", "1000"))
+SEARCH_CURSOR_MAX_AGE = int(os.environ.get("SEARCH_CURSOR_MAX_AGE", "3600"))
 
 # Upload limits
 UPLOAD_MAX_BYTES = int(os.environ.get("UPLOAD_MAX_BYTES", str(20 * 1024 * 1024)))

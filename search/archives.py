@@ -8,6 +8,7 @@ import zipfile
 import zlib
 
 from django.conf import settings
+
 from search.validation import InvalidUpload
 
 

@@ -6,14 +6,13 @@ Callers queue what comes next (an index sync after vectors were stored: ``search
 from __future__ import annotations
 
 from django.db import transaction
+from django.db.models import Exists, OuterRef
 
-from embeddings.models import Embedding, EmbeddingModel
 from embeddings import services
+from embeddings.models import Embedding, EmbeddingModel
+from search.locking import lock_assets, retry_on_conflict
 from search.models import Caption, ImageAsset
 from search.validation import inspect_image
-from search.locking import retry_on_conflict
-from search.locking import lock_assets
-from django.db.models import Exists, OuterRef
 
 
 def embed_asset(asset_id: int, model: EmbeddingModel | None = None) -> int:

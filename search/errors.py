@@ -5,15 +5,16 @@ from django.core.exceptions import ObjectDoesNotExist
 
 from embeddings.core.siglip import ModelNotAvailable
 from embeddings.services import NoActiveModel
+from search.cursors import InvalidCursor
 from search.queries import InvalidQuery
 from search.validation import InvalidUpload
 
-REFUSED = (InvalidQuery, InvalidUpload, ObjectDoesNotExist, NoActiveModel, ModelNotAvailable)
+REFUSED = (InvalidQuery, InvalidUpload, InvalidCursor, ObjectDoesNotExist, NoActiveModel, ModelNotAvailable)
 
 
 def refusal(exc: Exception) -> tuple[int, str] | None:
     """(HTTP status, reason) for an error of the search services; None for any other."""
-    if isinstance(exc, (InvalidQuery, InvalidUpload)):
+    if isinstance(exc, (InvalidQuery, InvalidUpload, InvalidCursor)):
         return 400, str(exc)
     if isinstance(exc, ObjectDoesNotExist):
         return 404, str(exc) or "Not found."

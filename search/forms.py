@@ -12,6 +12,7 @@ class TextSearchForm(forms.Form):
                         widget=forms.TextInput(attrs={"placeholder": "a man riding a surfboard", "autofocus": True}))
     k = forms.IntegerField(min_value=1, max_value=settings.SEARCH_MAX_K, initial=12, required=False)
     min_score = _min_score_field()
+    cursor = forms.CharField(required=False, widget=forms.HiddenInput)  # the page after a result page
 
     def __init__(self, *args, demo: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -18,7 +18,6 @@ from django.conf import settings
 from django.db import connection, connections, transaction
 
 from embeddings.models import Embedding, EmbeddingModel
-
 from search.core.vector_index import VectorIndex, create_index, get_backend, load_index
 from search.models import IndexBuild
 

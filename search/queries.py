@@ -12,10 +12,9 @@ from django.conf import settings
 
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import encoder_for
-from search import serving
+from search import cursors, serving
 from search.models import Caption, ImageAsset, IndexBuild
-from search.serving import loaded_indices
-from search.serving import ServingCheck, _on_serving_model, _signature_sql, serving_model
+from search.serving import ServingCheck, _on_serving_model, _signature_sql, loaded_indices, serving_model
 from search.validation import inspect_image
 
 log = logging.getLogger(__name__)
@@ -67,6 +66,7 @@ class SearchResult:
     timings: dict = field(default_factory=dict)
     no_good_match: bool = False  # no text↔image hit reaches the threshold: the nearest are shown
     reason: str = ""
+    next_cursor: str | None = None  # the page after this one (text search), or None at the end
 
 
 def validate_min_score(min_score) -> float | None:
@@ -180,17 +180,19 @@ def fetch_captions(ids, check: ServingCheck | None = None) -> dict[int, Caption]
     return _rows_by_id(Caption, "a.*", ids, check)
 
 
-def search_text(query, k=10, min_score=None) -> SearchResult:
+def search_text(query, k=10, min_score=None, cursor: str | None = None) -> SearchResult:
     """The k images nearest a text; with ``min_score`` only those whose match probability
-    reaches it (or, when none does, the nearest, marked ``no_good_match``)."""
+    reaches it (or, when none does, the nearest, marked ``no_good_match``). ``cursor``: the
+    ``next_cursor`` of the page before, for the next k (up to SEARCH_MAX_RESULTS in all)."""
     k = validate_k(k)
     query = clean_text_query(query)
     min_score = validate_min_score(min_score)
     started = time.perf_counter()
-    return _on_serving_model(lambda model, check: _search_text(model, check, query, k, started, min_score))
+    return _on_serving_model(lambda model, check: _search_text(model, check, query, k, started, min_score, cursor))
 
 
-def _search_text(model, check, query: str, k: int, started: float, min_score: float | None = None) -> SearchResult:
+def _search_text(model, check, query: str, k: int, started: float, min_score: float | None = None,
+                 cursor: str | None = None) -> SearchResult:
     # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
     encoder = encoder_for(model)
     vector, cache = serving.text_embedding(model, encoder, query)
@@ -200,8 +202,27 @@ def _search_text(model, check, query: str, k: int, started: float, min_score: fl
     shared_level = serving.shared_level(encoder)
     shared = (shared_level and cache != serving.MISS, shared_level)
     fetch = functools.partial(fetch_assets, check=check)
-    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, k, fetch, cache_use, shared)
-    images, reason = _judge(model, [ImageHit(a, s) for a, s in hits], min_score)
+    search = cursors.search_digest(model.pk, query, min_score)
+    after = cursors.decode(cursor, search) if cursor else None
+    seen = after.seen if after else 0
+    # The page after the cursor's hit: the ranking down to seen + k, and one page more for the
+    # pictures added since the page before (they may rank above the cursor's hit).
+    wanted = seen + 2 * k if after else k
+    hits = _nearest(model, IndexBuild.Modality.IMAGE, vector, wanted, fetch, cache_use, shared)
+    if after is not None:
+        hits = [(a, s) for a, s in hits if after.after(s, a.pk)]
+    served = loaded_indices.served(model, IndexBuild.Modality.IMAGE)
+    indexed = served.index.count() if served is not None else 0
+    more = len(hits) >= k and seen + k < min(indexed, settings.SEARCH_MAX_RESULTS)
+    page, reason = _judge(model, [ImageHit(a, s) for a, s in hits[:k]], min_score)
+    if after is not None:
+        reason = ""  # "no good match" speaks of a whole search, said on its first page
+    if (min_score is not None and len(page) < k) or reason:
+        more = False  # the rest ranks lower still: none of it reaches the threshold
+    last = page[-1] if page else None
+    next_cursor = cursors.encode(cursors.Cursor(search, seen + len(page), last.score, last.asset.pk)) \
+        if more and last is not None else None
+    images = page
     done = time.perf_counter()
     return SearchResult(
         model=model,
@@ -211,6 +232,7 @@ def _search_text(model, check, query: str, k: int, started: float, min_score: fl
                  "query_cache": cache, "result_cache": _result_cache(cache_use)},
         no_good_match=bool(reason),
         reason=reason,
+        next_cursor=next_cursor,
     )
 
 

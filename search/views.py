@@ -63,8 +63,13 @@ def home(request):
         elif "q" in request.GET:
             form = context["text_form"]
             if form.is_valid():
-                context["result"] = queries.search_text(form.cleaned_data["q"], form.cleaned_data.get("k") or DEFAULT_K,
-                                                        form.cleaned_data.get("min_score"))
+                result = queries.search_text(form.cleaned_data["q"], form.cleaned_data.get("k") or DEFAULT_K,
+                                             form.cleaned_data.get("min_score"), form.cleaned_data.get("cursor") or None)
+                context["result"] = result
+                if result.next_cursor:  # the same search, one page on: a link that works without JavaScript
+                    params = request.GET.copy()
+                    params["cursor"] = result.next_cursor
+                    context["more_url"] = "?" + params.urlencode()
                 context["mode"] = "text"
             else:
                 status = 400

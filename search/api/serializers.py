@@ -86,6 +86,8 @@ class TextSearchRequestSerializer(serializers.Serializer):
                                   help_text="Any length; the model reads its first 64 tokens.")
     k = k_field()
     min_score = min_score_field()
+    cursor = serializers.CharField(required=False, allow_blank=False, default=None, allow_null=True,
+                                   help_text="The `next` of the page before: the following k results.")
 
 
 class ImageSearchRequestSerializer(serializers.Serializer):
@@ -102,6 +104,8 @@ class ImageSearchRequestSerializer(serializers.Serializer):
 
 class TextSearchResponseSerializer(serializers.Serializer):
     results = ImageHitSerializer(many=True)
+    next = serializers.CharField(allow_null=True, source="next_cursor",
+                                 help_text="Send as `cursor` for the next page; null after the last one.")
     took_ms = serializers.FloatField()
     model = serializers.CharField()
     no_good_match = serializers.BooleanField(help_text="No hit reaches the threshold: the nearest are shown.")
@@ -155,6 +159,8 @@ def search_response(result, request, *, captions: bool) -> dict:
          "match": hit.match}
         for hit in result.images
     ]
+    if not captions:
+        body["next"] = result.next_cursor
     body["took_ms"] = result.took_ms
     body["model"] = result.model.public_name
     body["no_good_match"] = result.no_good_match

@@ -92,8 +92,8 @@ class TextSearchView(APIView):
         started = time.perf_counter()
         params = serializers.TextSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
-        result = queries.search_text(params.validated_data["query"], params.validated_data["k"],
-                                     params.validated_data["min_score"])
+        data = params.validated_data
+        result = queries.search_text(data["query"], data["k"], data["min_score"], data["cursor"])
         searched = time.perf_counter()
         return _timed(Response(serializers.search_response(result, request, captions=False)), result, started, searched)
 

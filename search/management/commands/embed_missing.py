@@ -1,9 +1,9 @@
 from django.core.management.base import BaseCommand
 
 from embeddings.services import active_model
+from search import asset_vectors
 from search.asset_vectors import assets_missing_vectors
 from search.tasks import embed_asset_task
-from search import asset_vectors
 
 
 class Command(BaseCommand):
