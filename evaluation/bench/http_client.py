@@ -97,8 +97,21 @@ class SearchClient:
                     "timing": parse_server_timing(response.getheader("Server-Timing")), "body": payload}
         raise RuntimeError("unreachable")
 
-    def text(self, query: str, k: int = TOP_K) -> dict:
-        return self.request("/api/search/text/", json.dumps({"query": query, "k": k}).encode(), "application/json")
+    def text(self, query: str, k: int = TOP_K, cursor: str | None = None) -> dict:
+        payload = {"query": query, "k": k, **({"cursor": cursor} if cursor else {})}
+        return self.request("/api/search/text/", json.dumps(payload).encode(), "application/json")
+
+    def page(self, query: str, number: int, k: int = TOP_K) -> dict:
+        """Page ``number`` of a text search, as measured: the query's embedding cached first
+        (a k=1 search) so page 1 and page 10 both skip the tower and both scan the index;
+        the pages before walked through, unmeasured."""
+        self.text(query, k=1)
+        cursor = None
+        for _ in range(number - 1):
+            cursor = json.loads(self.text(query, k, cursor)["body"])["next"]
+            if cursor is None:
+                raise RuntimeError(f"{query!r} has fewer than {number} pages: use a larger gallery")
+        return self.text(query, k, cursor)
 
     def image(self, jpeg: bytes, k: int = TOP_K) -> dict:
         body, content_type = multipart({"k": str(k)}, {"image": ("photo.jpg", jpeg, "image/jpeg")})
@@ -127,7 +140,12 @@ def run_jobs(base_url, jobs, concurrency, max_seconds, progress) -> list[dict]:
                         return
                     kind, payload = jobs[position[0]]
                     position[0] += 1
-                sample = client.text(payload) if kind == "text" else client.image(payload)
+                if kind == "text":
+                    sample = client.text(payload)
+                elif kind == "image":
+                    sample = client.image(payload)
+                else:  # ("page", (query, number))
+                    sample = client.page(*payload)
                 sample.pop("body", None)
                 with lock:
                     samples.append(sample)

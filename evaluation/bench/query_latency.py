@@ -198,13 +198,18 @@ class QueryLatencyBenchmark:
         for n, variant in enumerate(variants):
             # Each server gets its own queries: they share Redis, so the same text would be a
             # cache hit on the second one.
-            texts = query_texts(opts["queries"] + opts["concurrent_queries"], f"{seed}-{n}")
+            texts = query_texts(opts["queries"] + opts["concurrent_queries"] + 2 * opts["page_queries"],
+                                f"{seed}-{n}")
+            paged = texts[len(texts) - 2 * opts["page_queries"]:]
             single = texts[: opts["queries"]]
             repeat = (single * (1 + opts["cached_queries"] // max(1, len(single))))[: opts["cached_queries"]]
             jobs[variant["label"]] = {
                 "text": [("text", t) for t in single],
                 "text_cached": [("text", t) for t in repeat],
-                "text_concurrent": [("text", t) for t in texts[opts["queries"]:]],
+                "text_concurrent": [("text", t) for t in texts[opts["queries"]:len(texts) - len(paged)]],
+                # Pages 1 and 10 (results 1-10 and 91-100) of other queries, embeddings cached.
+                "page_1": [("page", (t, 1)) for t in paged[::2]],
+                "page_10": [("page", (t, 10)) for t in paged[1::2]],
                 "image": image_jobs,
             }
         phases = (
@@ -212,6 +217,8 @@ class QueryLatencyBenchmark:
             ("text_cached", "text→image, cached", 1, 10),
             ("text_concurrent", f"text→image, {opts['concurrency']} clients", opts["concurrency"], 40),
             ("image", "image→text+image, 1 client", 1, 5),
+            ("page_1", "text→image page 1, 1 client", 1, 5),
+            ("page_10", "text→image page 10, 1 client", 1, 5),
         )
         results["variants"] = {v["label"]: {} for v in variants}
         for key, name, concurrency, block in phases:

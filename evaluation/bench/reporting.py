@@ -28,7 +28,7 @@ def print_query_report(results: dict, write) -> None:
     w(f"{'phase':34s} {'n':>5s} {'p50':>8s} {'p95':>8s} {'p99':>8s} {'q/s':>7s} {'cpu/q':>6s}   server p50: "
       "encode / search / serialise / view; HTTP overhead")
     rows = [(label, key, phases[key]) for label, phases in results.get("variants", {}).items()
-            for key in ("text", "text_cached", "text_concurrent", "image") if phases.get(key)]
+            for key in ("text", "text_cached", "text_concurrent", "image", "page_1", "page_10") if phases.get(key)]
     several = len(results.get("variants", {})) > 1
     for label, key, phase in rows:
         lat = phase["latency_ms"]
@@ -58,6 +58,11 @@ def print_query_report(results: dict, write) -> None:
         w(f"\nQuality vs float32: {json.dumps(results['quality'])}")
     if results.get("recall"):
         w(f"Recall@K: {json.dumps(results['recall'])}")
+    for label, phases in results.get("variants", {}).items():
+        first, tenth = phases.get("page_1"), phases.get("page_10")
+        if first and tenth and first["latency_ms"].get("p50") and tenth["latency_ms"].get("p50"):
+            w(f"{'[' + label + '] ' if several else ''}page 10 costs {tenth['latency_ms']['p50'] / first['latency_ms']['p50']:.2f}× "
+              f"page 1 (p50 {tenth['latency_ms']['p50']:.1f} against {first['latency_ms']['p50']:.1f} ms)")
     w(f"\nTook {results['duration_s']} s")
 
 

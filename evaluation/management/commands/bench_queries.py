@@ -59,6 +59,8 @@ class Command(BaseCommand):
                             help="text queries spread over the concurrent clients")
         parser.add_argument("--concurrency", type=int, default=4, help="clients in the concurrent phase")
         parser.add_argument("--image-queries", type=int, default=40, help="image→text queries (640×480 JPEG)")
+        parser.add_argument("--page-queries", type=int, default=20,
+                            help="text queries asked for page 1 and (others) for page 10 of their results")
         parser.add_argument("--max-seconds", type=float, default=240.0, help="time limit of each phase")
         parser.add_argument("--url", help="benchmark this running server (http://127.0.0.1:PORT) instead")
         parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (deployed: 2)")
