@@ -116,3 +116,30 @@ def test_the_api_docs_render_without_the_internet(page, demo_world):
     page.wait_for_selector(".swagger-ui .opblock", timeout=20_000)
     assert page.locator(".swagger-ui .opblock").count() >= 5
     screenshot(page, "api-docs")
+
+
+def test_results_can_be_walked_with_the_keyboard_and_a_search_shows_it_is_running(page, demo_world):
+    page.goto("/?q=a+blue+square")
+    cards = page.locator(".grid .card > a")
+    cards.first.focus()
+    page.keyboard.press("ArrowRight")
+    assert page.evaluate("document.activeElement === document.querySelectorAll('.grid .card > a')[1]")
+    page.keyboard.press("ArrowDown")
+    per_row = page.evaluate("""() => { const a = [...document.querySelectorAll('.grid .card > a')];
+        return a.filter(x => x.getBoundingClientRect().top === a[0].getBoundingClientRect().top).length; }""")
+    assert page.evaluate(f"document.activeElement === document.querySelectorAll('.grid .card > a')[{1 + per_row}]")
+    screenshot(page, "keyboard-focus")
+    href = page.evaluate("document.activeElement.getAttribute('href')")
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**/{href}")
+    assert page.locator("figure.source img").is_visible()
+    # The loading state: the status line speaks as soon as a search is submitted (the submit is
+    # held here, so the page can be read while it would be loading).
+    page.fill("input[name=q]", "a green star")
+    status = page.evaluate("""() => {
+        const form = document.querySelector('form.text-search');
+        form.addEventListener('submit', (e) => e.preventDefault());
+        form.requestSubmit();
+        return [document.getElementById('search-status').textContent, document.body.className];
+    }""")
+    assert status[0] == "Searching…" and "loading" in status[1]
