@@ -183,7 +183,7 @@ INGEST_JPEG_DRAFT = env_bool("INGEST_JPEG_DRAFT", False)
 SEARCH_QUERY_CACHE_SIZE = int(os.environ.get("SEARCH_QUERY_CACHE_SIZE", "4096"))
 SEARCH_QUERY_CACHE_TTL = int(os.environ.get("SEARCH_QUERY_CACHE_TTL", str(24 * 3600)))
 # The Redis level of both caches: auto (on unless the text tower runs on CUDA, where encoding
-# again is about as quick as a round trip), on or off. See search/querycache.py.
+# again is about as quick as a round trip), on or off. See search/serving.py.
 SEARCH_QUERY_CACHE_SHARED = os.environ.get("SEARCH_QUERY_CACHE_SHARED", "auto")
 # Neighbour lists kept per web process and index version (LRU entries per index), text queries'
 # also in Redis for SEARCH_QUERY_CACHE_TTL seconds; 0 turns the result cache off.

@@ -193,7 +193,7 @@ def search_text(query, k=10, min_score=None, cursor: str | None = None) -> Searc
 
 def _search_text(model, check, query: str, k: int, started: float, min_score: float | None = None,
                  cursor: str | None = None) -> SearchResult:
-    # A repeated query (same model, same tokens) skips the text tower: see search/querycache.py.
+    # A repeated query (same model, same tokens) skips the text tower: see search/serving.py.
     encoder = encoder_for(model)
     vector, cache = serving.text_embedding(model, encoder, query)
     encoded = time.perf_counter()
