@@ -83,6 +83,12 @@ def asset_page(request, pk):
     """One picture: full size, captions, metadata, its best captions and the images most like it."""
     if not search_allowed(request.user):
         return redirect_to_login(request.get_full_path())
+    wait = check_throttles(request, SEARCH_THROTTLES)  # the page runs a search: the same allowance
+    if wait is not None:
+        response = render(request, "search/asset.html", {"error": f"Too many searches; try again in {int(wait) + 1} seconds."},
+                          status=429)
+        response["Retry-After"] = str(int(wait) + 1)
+        return response
     asset = get_object_or_404(ImageAsset.objects.select_related("uploaded_by").prefetch_related("captions"), pk=pk)
     context = {"asset": asset, "embedded_with": asset_vectors.models_with_vectors(asset)}
     if asset.status == ImageAsset.Status.EMBEDDED:

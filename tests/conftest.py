@@ -36,6 +36,27 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(autouse=True)
+def fresh_search_throttles():
+    """Each test starts with the search and upload throttles' counters empty: a whole run sends
+    more searches from the test client's one address in a minute than a visitor may. Only those
+    keys go; the tests of the throttles themselves fill their own."""
+    yield
+    from django.conf import settings
+
+    if "redis" not in settings.CACHES["default"]["BACKEND"].lower():
+        return
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.CACHES["default"]["LOCATION"], socket_timeout=2)
+        keys = list(client.scan_iter(match="*throttle_*", count=1000))
+        if keys:
+            client.delete(*keys)
+    except redis.RedisError:
+        pass  # a test that stopped Valkey: nothing to forget
+
+
+@pytest.fixture(autouse=True)
 def forget_the_serving_model():
     """Each test has its own rows: no search starts from a model an earlier test served."""
     serving = sys.modules.get("search.serving")

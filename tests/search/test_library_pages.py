@@ -81,3 +81,12 @@ def test_the_search_box_suggests_a_query_the_active_model_knows(client, tiny_mod
 
     EmbeddingModel.objects.filter(pk=tiny_model.pk).update(kind=EmbeddingModel.Kind.DEMO)
     assert 'placeholder="a small red circle"' in client.get("/").content.decode()
+
+
+def test_asset_pages_share_the_search_allowance(client, library, settings):
+    settings.REST_FRAMEWORK = {**settings.REST_FRAMEWORK,
+                               "DEFAULT_THROTTLE_RATES": {"search_anon": "2/minute", "search_user": "3/minute", "upload": None}}
+    codes = [client.get(f"/assets/{library[0].pk}/", REMOTE_ADDR="203.0.113.20").status_code for _ in range(3)]
+    assert codes == [200, 200, 429]
+    limited = client.get(f"/assets/{library[0].pk}/", REMOTE_ADDR="203.0.113.20")
+    assert "Too many searches" in limited.content.decode() and int(limited["Retry-After"]) > 0

@@ -19,17 +19,6 @@ def add(i, model):
     return asset
 
 
-@pytest.fixture(autouse=True)
-def fresh_search_allowance():
-    """Walking pages sends many searches from one client: each test starts and leaves the
-    search throttle's counters empty, so neither it nor the tests after it are throttled."""
-    from django.core.cache import cache
-
-    cache.clear()
-    yield
-    cache.clear()
-
-
 @pytest.fixture
 def gallery(tiny_model, settings, tmp_path):
     settings.MEDIA_ROOT, settings.INDEX_DIR = tmp_path / "media", tmp_path / "indices"
