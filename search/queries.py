@@ -193,7 +193,10 @@ def search_text(query, k=10, min_score=None, cursor: str | None = None) -> Searc
 
 def _search_text(model, check, query: str, k: int, started: float, min_score: float | None = None,
                  cursor: str | None = None) -> SearchResult:
-    # A repeated query (same model, same tokens) skips the text tower: see search/serving.py.
+    # A bad cursor is refused before any work; a repeated query (same model, same tokens)
+    # skips the text tower: see search/serving.py.
+    search = cursors.search_digest(model.pk, query, min_score)
+    after = cursors.decode(cursor, search) if cursor else None
     encoder = encoder_for(model)
     vector, cache = serving.text_embedding(model, encoder, query)
     encoded = time.perf_counter()
@@ -202,8 +205,6 @@ def _search_text(model, check, query: str, k: int, started: float, min_score: fl
     shared_level = serving.shared_level(encoder)
     shared = (shared_level and cache != serving.MISS, shared_level)
     fetch = functools.partial(fetch_assets, check=check)
-    search = cursors.search_digest(model.pk, query, min_score)
-    after = cursors.decode(cursor, search) if cursor else None
     seen = after.seen if after else 0
     # The page after the cursor's hit: the ranking down to seen + k, and one page more for the
     # pictures added since the page before (they may rank above the cursor's hit).
@@ -222,11 +223,10 @@ def _search_text(model, check, query: str, k: int, started: float, min_score: fl
     last = page[-1] if page else None
     next_cursor = cursors.encode(cursors.Cursor(search, seen + len(page), last.score, last.asset.pk)) \
         if more and last is not None else None
-    images = page
     done = time.perf_counter()
     return SearchResult(
         model=model,
-        images=images,
+        images=page,
         took_ms=(done - started) * 1000,
         timings={"encode_ms": (encoded - started) * 1000, "search_ms": (done - encoded) * 1000,
                  "query_cache": cache, "result_cache": _result_cache(cache_use)},
