@@ -16,6 +16,15 @@ DEFAULT_K = 12
 LIBRARY_PAGE = 24  # pictures per page of the library
 
 
+def _throttled(request, wait: float, template: str, context: dict):
+    """The page with a 429 saying when to try again."""
+    seconds = int(wait) + 1
+    response = render(request, template, {**context, "error": f"Too many searches; try again in {seconds} seconds."},
+                      status=429)
+    response["Retry-After"] = str(seconds)
+    return response
+
+
 def _demo_model_active() -> bool:
     try:
         return EmbeddingModel.objects.filter(is_active=True, kind=EmbeddingModel.Kind.DEMO).exists()
@@ -32,11 +41,8 @@ def home(request):
     demo = _demo_model_active()
     wait = check_throttles(request, SEARCH_THROTTLES) if searching else None
     if wait is not None:
-        context = {"text_form": TextSearchForm(demo=demo), "image_form": ImageSearchForm(),
-                   "error": f"Too many searches; try again in {int(wait) + 1} seconds."}
-        response = render(request, "search/home.html", context, status=429)
-        response["Retry-After"] = str(int(wait) + 1)
-        return response
+        return _throttled(request, wait, "search/home.html",
+                          {"text_form": TextSearchForm(demo=demo), "image_form": ImageSearchForm()})
     # The text form is bound only by a text search: a similar-images link carries no query.
     context = {"text_form": TextSearchForm(request.GET if "q" in request.GET else None, demo=demo),
                "image_form": ImageSearchForm()}
@@ -85,10 +91,7 @@ def asset_page(request, pk):
         return redirect_to_login(request.get_full_path())
     wait = check_throttles(request, SEARCH_THROTTLES)  # the page runs a search: the same allowance
     if wait is not None:
-        response = render(request, "search/asset.html", {"error": f"Too many searches; try again in {int(wait) + 1} seconds."},
-                          status=429)
-        response["Retry-After"] = str(int(wait) + 1)
-        return response
+        return _throttled(request, wait, "search/asset.html", {})
     asset = get_object_or_404(ImageAsset.objects.select_related("uploaded_by").prefetch_related("captions"), pk=pk)
     context = {"asset": asset, "embedded_with": asset_vectors.models_with_vectors(asset)}
     if asset.status == ImageAsset.Status.EMBEDDED:
