@@ -75,6 +75,11 @@ SESSION_COOKIE_HTTPONLY = True
 X_FRAME_OPTIONS = "DENY"
 # Search pages and the search API: open to everyone, or to logged-in users only.
 SEARCH_REQUIRES_LOGIN = env_bool("SEARCH_REQUIRES_LOGIN", False)
+# Who may see a collection an upload names for the first time: public, users (logged in) or
+# staff. Staff change it per collection in the admin; existing collections keep theirs.
+COLLECTION_DEFAULT_VISIBILITY = os.environ.get("COLLECTION_DEFAULT_VISIBILITY", "public")
+if COLLECTION_DEFAULT_VISIBILITY not in {"public", "users", "staff"}:
+    raise ImproperlyConfigured("COLLECTION_DEFAULT_VISIBILITY must be public, users or staff.")
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -125,8 +125,10 @@ class ImageAssetAdmin(admin.ModelAdmin):
                 raise ImageAsset.DoesNotExist(f"{obj} was deleted while it was being edited; nothing was saved.")
             # Only what the form edits: the rest of the row (status, error) was read before the
             # lock and may have changed since (the worker marks it embedded, say).
-            if form.changed_data:
-                obj.save(update_fields=[f for f in form.changed_data if f in self.editable_fields])
+            changed = [f for f in form.changed_data if f in self.editable_fields]
+            if changed:
+                # ``updated`` too: update_fields would leave the auto_now field unsaved.
+                obj.save(update_fields=[*changed, "updated"])
             return None
         result = curation.ingest_image(form.image_bytes, [], original_name=form.image_name,
                                      user=request.user, collection=form.cleaned_data.get("collection", ""))

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.db import DatabaseError, transaction
+from django.utils import timezone
 
 from embeddings.models import Embedding
 from search.archives import basename
@@ -142,7 +143,7 @@ def _note_captions(asset) -> None:
 
 def _mark_pending(asset) -> None:
     if asset.status != ImageAsset.Status.PENDING or asset.error:
-        ImageAsset.objects.filter(pk=asset.pk).update(status=ImageAsset.Status.PENDING, error="")
+        ImageAsset.objects.filter(pk=asset.pk).update(status=ImageAsset.Status.PENDING, error="", updated=timezone.now())
         asset.status, asset.error = ImageAsset.Status.PENDING, ""
 
 

@@ -34,6 +34,10 @@ class ImageAsset(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )
     created = models.DateTimeField(auto_now_add=True)
+    # Any change to the row, ``collection`` included. Queryset ``.update()`` skips auto_now:
+    # every such call that changes what a filter reads sets ``updated=timezone.now()`` itself,
+    # so a per-process table can refresh only the rows changed since its last read.
+    updated = models.DateTimeField(auto_now=True, db_index=True)
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     error = models.TextField(blank=True)
 
@@ -42,6 +46,30 @@ class ImageAsset(models.Model):
 
     def __str__(self):
         return self.original_name or f"image {self.pk}"
+
+
+class Collection(models.Model):
+    """Who may see the assets whose ``ImageAsset.collection`` holds this name.
+
+    The asset keeps the name (not a foreign key): uploads name collections freely, and an
+    asset whose collection has no row here counts as public. "" is the unnamed collection.
+    """
+
+    class Visibility(models.TextChoices):
+        PUBLIC = "public", "public"
+        USERS = "users", "logged-in users"
+        STAFF = "staff", "staff only"
+
+    name = models.CharField(max_length=100, unique=True, blank=True)
+    visibility = models.CharField(max_length=10, choices=Visibility.choices, default=Visibility.PUBLIC)
+    description = models.TextField(blank=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self):
+        return self.name or "(unnamed)"
 
 
 class Caption(models.Model):
