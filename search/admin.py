@@ -1,8 +1,10 @@
-"""The admin: curators upload (one image or many), edit captions, delete; staff manage embedding models."""
+"""The admin: curators upload (one image or many), edit captions, delete, set who sees each
+collection; staff manage embedding models."""
 
 from django import forms
 from django.conf import settings
 from django.contrib import admin, messages
+from django.db.models import Count, OuterRef, Subquery
 from django.core.exceptions import ValidationError
 from django.shortcuts import redirect, render
 from django.urls import path, reverse
@@ -12,7 +14,7 @@ from embeddings.models import EmbeddingModel
 from search import archives, curation, tasks, validation
 from search.api.access import UploadThrottle, check_throttles
 from search.locking import lock_assets
-from search.models import Caption, ImageAsset, IndexBuild, normalise_text
+from search.models import Caption, Collection, ImageAsset, IndexBuild, normalise_text
 
 
 class CaptionFormSet(forms.BaseInlineFormSet):
@@ -126,6 +128,8 @@ class ImageAssetAdmin(admin.ModelAdmin):
             # Only what the form edits: the rest of the row (status, error) was read before the
             # lock and may have changed since (the worker marks it embedded, say).
             changed = [f for f in form.changed_data if f in self.editable_fields]
+            if "collection" in changed:
+                curation.ensure_collection(obj.collection)
             if changed:
                 # ``updated`` too: update_fields would leave the auto_now field unsaved.
                 obj.save(update_fields=[*changed, "updated"])
@@ -239,6 +243,43 @@ class ImageAssetAdmin(admin.ModelAdmin):
         if request.method == "POST" and response.status_code == 200:
             response.status_code = 400  # the form came back with its errors: the input was refused
         return response
+
+
+@admin.register(Collection)
+class CollectionAdmin(admin.ModelAdmin):
+    """Who may see each collection. The name is fixed once the row exists and a collection
+    that still has pictures cannot be deleted: either would leave its pictures without a row,
+    and a picture without a row is public."""
+
+    list_display = ["__str__", "visibility", "pictures", "created"]
+    list_editable = ["visibility"]
+    list_filter = ["visibility"]
+    search_fields = ["name", "description"]
+
+    def get_queryset(self, request):
+        pictures = (ImageAsset.objects.filter(collection=OuterRef("name")).order_by()
+                    .values("collection").annotate(n=Count("pk")).values("n"))
+        return super().get_queryset(request).annotate(n_pictures=Subquery(pictures))
+
+    @admin.display(description="pictures", ordering="n_pictures")
+    def pictures(self, obj):
+        return obj.n_pictures or 0
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["name", "created"] if obj is not None else ["created"]
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and ImageAsset.objects.filter(collection=obj.name).exists():
+            return False
+        return super().has_delete_permission(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        # The bulk action too: only the rows whose collection has no picture left.
+        used = ImageAsset.objects.filter(collection__in=queryset.values("name")).values("collection")
+        kept = queryset.filter(name__in=used).count()
+        queryset.exclude(name__in=used).delete()
+        if kept:
+            self.message_user(request, f"{kept} collections still have pictures and were kept.", messages.WARNING)
 
 
 @admin.register(IndexBuild)

@@ -20,7 +20,7 @@ from django.utils import timezone
 from embeddings.models import Embedding
 from search.archives import basename
 from search.locking import lock_assets, lock_content, retry_on_conflict
-from search.models import Caption, ImageAsset, image_upload_path, normalise_text
+from search.models import Caption, Collection, ImageAsset, image_upload_path, normalise_text
 from search.validation import EXTENSIONS, InvalidUpload, clean_captions, clean_name, inspect_image, read_upload
 
 log = logging.getLogger(__name__)
@@ -62,8 +62,22 @@ def ingest_image(
     captions = clean_captions(captions)
     digest = hashlib.sha256(data).hexdigest()
     user = user if getattr(user, "is_authenticated", False) else None
+    ensure_collection(collection)
     return _store_upload(data, info, digest, captions, original_name=clean_name(original_name), user=user,
                          collection=collection)
+
+
+def ensure_collection(name: str) -> None:
+    """Give a collection named for the first time its row, with the default visibility
+    (``COLLECTION_DEFAULT_VISIBILITY``); an existing row keeps its own.
+
+    Called before an upload's transaction takes its locks: the usual case (the row is there)
+    is one read and locks nothing; a new name is one ``INSERT … ON CONFLICT DO NOTHING``, so
+    two uploads naming it at once both go on.
+    """
+    if not Collection.objects.filter(name=name).exists():
+        Collection.objects.bulk_create([Collection(name=name, visibility=settings.COLLECTION_DEFAULT_VISIBILITY)],
+                                       ignore_conflicts=True)
 
 
 @retry_on_conflict

@@ -11,6 +11,7 @@ from search.errors import REFUSED, refusal
 from search.forms import ImageSearchForm, TextSearchForm
 from search.models import ImageAsset
 from search.validation import read_upload
+from search.visibility import visible_assets
 
 DEFAULT_K = 12
 LIBRARY_PAGE = 24  # pictures per page of the library
@@ -48,7 +49,8 @@ def home(request):
                "image_form": ImageSearchForm()}
     if not searching:  # no query: the library, newest first
         context["library"] = Paginator(
-            ImageAsset.objects.prefetch_related("captions").order_by("-created", "-pk"), LIBRARY_PAGE
+            visible_assets(request.user, ImageAsset.objects.prefetch_related("captions")).order_by("-created", "-pk"),
+            LIBRARY_PAGE,
         ).get_page(request.GET.get("page"))
     status = 200
     try:
@@ -92,7 +94,10 @@ def asset_page(request, pk):
     wait = check_throttles(request, SEARCH_THROTTLES)  # the page runs a search: the same allowance
     if wait is not None:
         return _throttled(request, wait, "search/asset.html", {})
-    asset = get_object_or_404(ImageAsset.objects.select_related("uploaded_by").prefetch_related("captions"), pk=pk)
+    # A picture this user may not see is not found: a 403 would tell that it exists.
+    asset = get_object_or_404(
+        visible_assets(request.user, ImageAsset.objects.select_related("uploaded_by").prefetch_related("captions")),
+        pk=pk)
     context = {"asset": asset, "embedded_with": asset_vectors.models_with_vectors(asset)}
     if asset.status == ImageAsset.Status.EMBEDDED:
         try:

@@ -13,6 +13,7 @@ from search import curation, queries, tasks, validation
 from search.api import serializers
 from search.api.access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
 from search.models import ImageAsset
+from search.visibility import visible_assets
 
 __all__ = ["AssetViewSet", "ImageSearchView", "IsStaffOrReadOnly", "TextSearchView"]
 
@@ -25,6 +26,10 @@ class AssetViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     serializer_class = serializers.AssetSerializer
     permission_classes = [SearchAllowed, IsStaffOrReadOnly]
     parser_classes = [MultiPartParser, FormParser, JSONParser]
+
+    def get_queryset(self):
+        # Assets of collections hidden from this user are not found (404), as on the pages.
+        return visible_assets(self.request.user, super().get_queryset())
 
     def get_throttles(self):
         return [UploadThrottle()] if self.action == "create" else []
