@@ -162,8 +162,22 @@ STATIC_URL = "static/"
 STATIC_ROOT = Path(os.environ.get("STATIC_ROOT", STATE_DIR / "static"))
 MEDIA_URL = "media/"
 MEDIA_ROOT = Path(os.environ.get("MEDIA_ROOT", STATE_DIR / "media"))
-# Uploaded images are served by Django itself unless a front server does it.
+# Every media URL goes through search.media, which checks who may see the picture; the bytes
+# then go out by the front server when one is named: MEDIA_ACCEL_REDIRECT, the internal prefix
+# of an nginx location aliasing MEDIA_ROOT (X-Accel-Redirect), or MEDIA_SENDFILE=1 (X-Sendfile,
+# Apache/lighttpd). Otherwise Django streams them itself, which SERVE_MEDIA=0 forbids: a
+# deployment that means a front server to send every file fails at start when none is named.
+MEDIA_ACCEL_REDIRECT = os.environ.get("MEDIA_ACCEL_REDIRECT", "").strip()
+if MEDIA_ACCEL_REDIRECT and not MEDIA_ACCEL_REDIRECT.startswith("/"):
+    raise ImproperlyConfigured("MEDIA_ACCEL_REDIRECT must be a URL path such as /protected-media/.")
+MEDIA_SENDFILE = env_bool("MEDIA_SENDFILE", False)
 SERVE_MEDIA = env_bool("SERVE_MEDIA", True)
+if not (SERVE_MEDIA or MEDIA_ACCEL_REDIRECT or MEDIA_SENDFILE):
+    raise ImproperlyConfigured("SERVE_MEDIA=0 needs MEDIA_ACCEL_REDIRECT or MEDIA_SENDFILE: "
+                               "media files are checked by Django and sent by the front server.")
+# How long browsers and shared caches may keep a picture of a public collection (others: never
+# shared, checked again on each use).
+MEDIA_CACHE_SECONDS = int(os.environ.get("MEDIA_CACHE_SECONDS", "3600"))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
@@ -172,6 +186,7 @@ WHITENOISE_USE_FINDERS = True
 
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "home"
+LOGOUT_REDIRECT_URL = "home"
 
 # --- Embeddings and search ---------------------------------------------------
 # A hub id or a local checkpoint directory. When unset and the default hub model

@@ -5,9 +5,10 @@ from django.templatetags.static import static
 from django.urls import include, path, re_path
 from django.views.decorators.http import require_safe
 from django.views.generic.base import RedirectView
-from django.views.static import serve
 
 import evaluation.views
+import search.collection_views
+import search.media
 import search.views
 from portal import middleware
 
@@ -18,6 +19,9 @@ handler400 = "portal.middleware.bad_request"
 urlpatterns = [
     path("", search.views.home, name="home"),
     path("assets/<int:pk>/", search.views.asset_page, name="asset"),
+    path("collections/", search.collection_views.collections, name="collections"),
+    # The unnamed collection is /collections/-/ (search.models.collection_slug).
+    path("collections/<path:slug>/", search.collection_views.collection_page, name="collection"),
     path("benchmarks/", evaluation.views.history, name="benchmarks"),
     path("benchmarks/", include("evaluation.urls")),
     path("admin/", admin.site.urls),
@@ -25,15 +29,11 @@ urlpatterns = [
     path("health/", middleware.health, name="health"),
     # Browsers ask for /favicon.ico on every page, the admin's included.
     path("favicon.ico", require_safe(RedirectView.as_view(url=static("favicon.ico"), permanent=True))),
-    # For SEARCH_REQUIRES_LOGIN: any active user may log in here; the admin stays staff-only.
-    path("accounts/login/", auth_views.LoginView.as_view(
-        template_name="admin/login.html", extra_context={"site_header": "Visual search", "title": "Log in"},
-    ), name="login"),
+    # Any active user may log in here (private collections, SEARCH_REQUIRES_LOGIN); the admin
+    # stays staff-only. Logging out (a POST) returns to the home page (LOGOUT_REDIRECT_URL).
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    # Every uploaded image, checked against its collection's visibility; the bytes go out by the
+    # front server when settings name one (MEDIA_ACCEL_REDIRECT, MEDIA_SENDFILE).
+    re_path(r"^%s(?P<path>.*)$" % settings.MEDIA_URL.lstrip("/"), search.media.media_file, name="media"),
 ]
-
-if settings.SERVE_MEDIA:
-    # Image files are stored under generated names only; serve() refuses paths outside MEDIA_ROOT.
-    urlpatterns += [
-        re_path(r"^%s(?P<path>.*)$" % settings.MEDIA_URL.lstrip("/"), serve, {"document_root": settings.MEDIA_ROOT}),
-    ]

@@ -3,11 +3,23 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.urls import reverse
 
 
 def normalise_text(text: str) -> str:
     """Stripped, whitespace collapsed, lower-cased."""
     return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def collection_slug(name: str) -> str:
+    """The URL part of a collection's page. Names are free text: the unnamed collection is
+    "-", and a name made only of dashes gets one more, so no two collections share a URL."""
+    return name + "-" if re.fullmatch(r"-*", name) else name
+
+
+def collection_from_slug(slug: str) -> str:
+    """The collection name a URL part means (``collection_slug`` backwards)."""
+    return slug[:-1] if re.fullmatch(r"-+", slug) else slug
 
 
 def image_upload_path(instance, filename):
@@ -47,6 +59,10 @@ class ImageAsset(models.Model):
     def __str__(self):
         return self.original_name or f"image {self.pk}"
 
+    def collection_url(self) -> str:
+        """The page of this asset's collection."""
+        return reverse("collection", args=[collection_slug(self.collection)])
+
 
 class Collection(models.Model):
     """Who may see the assets whose ``ImageAsset.collection`` holds this name.
@@ -70,6 +86,9 @@ class Collection(models.Model):
 
     def __str__(self):
         return self.name or "(unnamed)"
+
+    def get_absolute_url(self) -> str:
+        return reverse("collection", args=[collection_slug(self.name)])
 
 
 class Caption(models.Model):
