@@ -221,6 +221,9 @@ SEARCH_MATCH_THRESHOLD = float(os.environ.get("SEARCH_MATCH_THRESHOLD", "0.1"))
 # Pages of a text search: at most this many results in all, through cursors valid this long (s).
 SEARCH_MAX_RESULTS = int(os.environ.get("SEARCH_MAX_RESULTS", "1000"))
 SEARCH_CURSOR_MAX_AGE = int(os.environ.get("SEARCH_CURSOR_MAX_AGE", "3600"))
+# Seconds a web process keeps its table of the pictures' filterable attributes before reading
+# the rows changed since (search/filters.py); a new index version refreshes it at once.
+SEARCH_FILTER_REFRESH = float(os.environ.get("SEARCH_FILTER_REFRESH", "1.0"))
 
 # Upload limits
 UPLOAD_MAX_BYTES = int(os.environ.get("UPLOAD_MAX_BYTES", str(20 * 1024 * 1024)))

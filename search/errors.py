@@ -6,8 +6,12 @@ from django.core.exceptions import ObjectDoesNotExist
 from embeddings.core.siglip import ModelNotAvailable
 from embeddings.services import NoActiveModel
 from search.cursors import InvalidCursor
-from search.queries import InvalidQuery
 from search.validation import InvalidUpload
+
+
+class InvalidQuery(ValueError):
+    """A query (its text, filters, threshold or size) the caller must fix; the message says how."""
+
 
 REFUSED = (InvalidQuery, InvalidUpload, InvalidCursor, ObjectDoesNotExist, NoActiveModel, ModelNotAvailable)
 

@@ -69,6 +69,7 @@ from embeddings.models import EmbeddingModel
 from embeddings.services import NoActiveModel
 from search.core.lru import LRU
 from search.core.vector_index import VectorIndex
+from search.core.vector_index.base import Subset
 from search.index_sync import MODALITIES, latest_build, load_latest_valid
 from search.models import IndexBuild
 
@@ -119,12 +120,15 @@ class ServedIndex:
     results: LRU = field(default_factory=lambda: LRU(_result_cache_size))
 
     def nearest(self, vector: np.ndarray, k: int, *, shared_read: bool = False,
-                shared_write: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
-        """(ids, scores, where) of the ``k`` rows nearest to one vector; ``where`` is
-        ``HIT_LOCAL``, ``HIT_SHARED`` or ``MISS`` (the index was searched)."""
+                shared_write: bool = False, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """(ids, scores, where) of the ``k`` rows nearest to one vector, among ``subset`` when
+        given (a filter: searched every time); ``where`` is ``HIT_LOCAL``, ``HIT_SHARED`` or
+        ``MISS`` (the index was searched)."""
         vector = np.ascontiguousarray(vector, dtype=np.float32).reshape(1, -1)
         # SEARCH_RESULT_CACHE_SIZE=0: no result cache at all. Long lists (a search widened
         # far past deleted rows) are not kept: they would crowd out thousands of short ones.
+        if subset is not None:
+            return (*self._search(vector, k, subset), MISS)
         if not self.results.size or k > RESULT_CACHE_MAX_K:
             return (*self._search(vector, k), MISS)
         digest = hashlib.blake2b(vector.tobytes(), digest_size=16).digest()
@@ -146,9 +150,9 @@ class ServedIndex:
             put_shared_neighbours(shared_key, ids, scores)
         return ids, scores, MISS
 
-    def _search(self, vector: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, vector: np.ndarray, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The index's answer for one (1, dim) vector, as read-only 1-d arrays."""
-        ids, scores = self.index.search(vector, k)
+        ids, scores = self.index.search(vector, k) if subset is None else self.index.search(vector, k, subset)
         ids, scores = ids[0], scores[0]
         ids.setflags(write=False)
         scores.setflags(write=False)

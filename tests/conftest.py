@@ -62,6 +62,9 @@ def forget_the_serving_model():
     serving = sys.modules.get("search.serving")
     if serving is not None:
         serving.served_model.forget()
+    filters = sys.modules.get("search.filters")
+    if filters is not None:  # nor from an earlier test's table of filterable attributes
+        filters.facets.forget()
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,10 @@
 from django.conf import settings
 from rest_framework import serializers
 
+from search.core.facets import ORIENTATIONS
+from search.filters import MAX_PIXELS_SIDE, MAX_VALUES, SORTS
 from search.models import Caption, ImageAsset
+from search.validation import ALLOWED_FORMATS
 
 
 def caption_texts(asset) -> list[str]:
@@ -81,20 +84,62 @@ def min_score_field():
                   "nearest come back with no_good_match true.")
 
 
-class TextSearchRequestSerializer(serializers.Serializer):
+def _names(help_text: str):
+    return serializers.ListField(child=serializers.CharField(max_length=150), required=False, default=list,
+                                 max_length=MAX_VALUES, help_text=help_text)
+
+
+class SearchFiltersSerializer(serializers.Serializer):
+    """The filters of every search, applied inside the vector search (``search.filters``)."""
+
+    collection = _names("Only images in these collections (repeat for several; `(unnamed)` for the unnamed one).")
+    exclude_collection = _names("No images from these collections.")
+    uploader = _names("Only images uploaded by these users (user names).")
+    date_from = serializers.DateField(required=False, allow_null=True, default=None,
+                                      help_text="Uploaded on or after this day (YYYY-MM-DD).")
+    date_to = serializers.DateField(required=False, allow_null=True, default=None,
+                                    help_text="Uploaded on or before this day (YYYY-MM-DD).")
+    format = serializers.ListField(child=serializers.ChoiceField(choices=sorted(ALLOWED_FORMATS)), required=False,
+                                   default=list, help_text="Only images stored in these formats.")
+    min_width = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1,
+                                         max_value=MAX_PIXELS_SIDE, help_text="At least this many pixels wide.")
+    min_height = serializers.IntegerField(required=False, allow_null=True, default=None, min_value=1,
+                                          max_value=MAX_PIXELS_SIDE, help_text="At least this many pixels high.")
+    orientation = serializers.ChoiceField(choices=ORIENTATIONS, required=False, allow_blank=True, default="",
+                                          help_text="landscape (wider than high), portrait or square.")
+
+    def to_internal_value(self, data):
+        # Formats are stored upper-case; accept "jpeg" as well.
+        if hasattr(data, "getlist") and "format" in data:
+            data = data.copy()
+            data.setlist("format", [str(v).upper() for v in data.getlist("format")])
+        elif isinstance(data, dict) and isinstance(data.get("format"), list):
+            data = {**data, "format": [str(v).upper() for v in data["format"]]}
+        return super().to_internal_value(data)
+
+
+def cursor_field():
+    return serializers.CharField(required=False, allow_blank=False, default=None, allow_null=True,
+                                 help_text="The `next` of the page before: the following k results.")
+
+
+class TextSearchRequestSerializer(SearchFiltersSerializer):
     query = serializers.CharField(trim_whitespace=True, allow_blank=False,
                                   help_text="Any length; the model reads its first 64 tokens.")
     k = k_field()
     min_score = min_score_field()
-    cursor = serializers.CharField(required=False, allow_blank=False, default=None, allow_null=True,
-                                   help_text="The `next` of the page before: the following k results.")
+    cursor = cursor_field()
+    sort = serializers.ChoiceField(choices=SORTS, required=False, default="relevance",
+                                   help_text="relevance (best first), or the matches above the threshold "
+                                             "by upload date (newest, oldest) or file name.")
 
 
-class ImageSearchRequestSerializer(serializers.Serializer):
+class ImageSearchRequestSerializer(SearchFiltersSerializer):
     image = serializers.FileField(required=False)
     asset_id = serializers.IntegerField(required=False, min_value=1)
     k = k_field()
     min_score = min_score_field()
+    cursor = cursor_field()
 
     def validate(self, attrs):
         if bool(attrs.get("image")) == bool(attrs.get("asset_id")):
@@ -113,8 +158,11 @@ class TextSearchResponseSerializer(serializers.Serializer):
 
 
 class ImageSearchResponseSerializer(serializers.Serializer):
-    captions = CaptionHitSerializer(many=True)
+    captions = CaptionHitSerializer(many=True, help_text="On the first page only.")
     images = ImageHitSerializer(many=True)
+    next = serializers.CharField(allow_null=True, source="next_cursor",
+                                 help_text="Send as `cursor`, with the same image or asset_id, for the next "
+                                           "page of similar images; null after the last one.")
     took_ms = serializers.FloatField()
     model = serializers.CharField()
     no_good_match = serializers.BooleanField(help_text="No caption reaches the threshold: the nearest are shown.")
@@ -159,8 +207,7 @@ def search_response(result, request, *, captions: bool) -> dict:
          "match": hit.match}
         for hit in result.images
     ]
-    if not captions:
-        body["next"] = result.next_cursor
+    body["next"] = result.next_cursor
     body["took_ms"] = result.took_ms
     body["model"] = result.model.public_name
     body["no_good_match"] = result.no_good_match

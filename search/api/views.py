@@ -9,7 +9,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from embeddings.services import active_model
-from search import curation, queries, tasks, validation
+from search import curation, filters, queries, tasks, validation
 from search.api import serializers
 from search.api.access import SEARCH_THROTTLES, IsStaffOrReadOnly, SearchAllowed, UploadThrottle
 from search.models import ImageAsset
@@ -98,7 +98,8 @@ class TextSearchView(APIView):
         params = serializers.TextSearchRequestSerializer(data=request.data)
         params.is_valid(raise_exception=True)
         data = params.validated_data
-        result = queries.search_text(data["query"], data["k"], data["min_score"], data["cursor"])
+        result = queries.search_text(data["query"], data["k"], data["min_score"], data["cursor"],
+                                     filters.parse_filters(data, request.user), data["sort"])
         searched = time.perf_counter()
         return _timed(Response(serializers.search_response(result, request, captions=False)), result, started, searched)
 
@@ -118,9 +119,10 @@ class ImageSearchView(APIView):
         params.is_valid(raise_exception=True)
         data = params.validated_data
         started = time.perf_counter()
+        wanted = filters.parse_filters(data, request.user)
         if data.get("image"):
-            result = queries.search_image(data["image"].read(), data["k"], data["min_score"])
+            result = queries.search_image(data["image"].read(), data["k"], data["min_score"], data["cursor"], wanted)
         else:
-            result = queries.search_asset(data["asset_id"], data["k"], data["min_score"])
+            result = queries.search_asset(data["asset_id"], data["k"], data["min_score"], data["cursor"], wanted)
         searched = time.perf_counter()
         return _timed(Response(serializers.search_response(result, request, captions=True)), result, started, searched)

@@ -1,4 +1,5 @@
-"""TODO."""
+"""A bounded least-recently-used map: the per-process caches of searches (query embeddings,
+neighbour lists, filter matches) are built on it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 // Drop a photo anywhere to search with it; choosing a file submits at once.
-// While a search runs the page says so; the arrow keys move between results.
+// While a search runs the page says so; the arrow keys move between results; the next page of
+// results is appended as the end of the grid comes into view.
 (function () {
   function searching() {
     document.body.classList.add("loading");
@@ -7,7 +8,7 @@
     if (status) status.textContent = "Searching…";
   }
   document.querySelectorAll("form.text-search, form.image-search").forEach((f) => f.addEventListener("submit", searching));
-  document.querySelectorAll("a[rel=next]").forEach((a) => a.addEventListener("click", searching));
+  document.querySelectorAll("nav.pages a[rel=next], nav.pages a[rel=prev]").forEach((a) => a.addEventListener("click", searching));
 
   const form = document.getElementById("image-search");
   if (form) {
@@ -25,6 +26,34 @@
       searching();
       form.submit();
     });
+  }
+
+  // Infinite scroll: when the "More results" link of a result grid comes into view, the next
+  // page is fetched and its pictures appended (the link itself still works without JavaScript).
+  function appendNextPage(link, observer) {
+    if (link.dataset.loading) return;
+    link.dataset.loading = "1";
+    const status = document.getElementById("search-status");
+    if (status) status.textContent = "Loading more results…";
+    fetch(link.href, { headers: { Accept: "text/html" }, credentials: "same-origin" })
+      .then((r) => (r.ok ? r.text() : Promise.reject(new Error(r.status + " " + r.statusText))))
+      .then((html) => {
+        const page = new DOMParser().parseFromString(html, "text/html");
+        const grid = link.closest(".pages").previousElementSibling;
+        const more = page.querySelector("p.pages a[rel=next]");
+        page.querySelectorAll("ul.grid > li.card").forEach((card) => grid.appendChild(document.importNode(card, true)));
+        observer.unobserve(link);
+        if (more) { link.href = more.href; delete link.dataset.loading; observer.observe(link); }
+        else { link.closest(".pages").textContent = "No more results."; }
+        if (status) status.textContent = grid.children.length + " results shown.";
+      })
+      .catch((err) => { if (status) status.textContent = "Could not load more results (" + err.message + "); use the link."; });
+  }
+  if ("IntersectionObserver" in window) {
+    const observer = new IntersectionObserver((entries) => entries.forEach((e) => {
+      if (e.isIntersecting) appendNextPage(e.target, observer);
+    }), { rootMargin: "400px" });
+    document.querySelectorAll("p.pages.more a[rel=next]").forEach((a) => observer.observe(a));
   }
 
   // Arrow keys between the pictures of a grid (left/right one, up/down one row).
