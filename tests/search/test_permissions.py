@@ -1,5 +1,6 @@
-"""Access control: every write route × anonymous / user / staff, CSRF on session writes,
-search open or login-only, throttles, deploy checks, and services bound to loopback.
+"""Access control: every write route × anonymous / user / staff, every page, API read and media
+file of a collection × anonymous / user / staff × its visibility, CSRF on session writes, search
+open or login-only, throttles, deploy checks, and services bound to loopback.
 
 The API routes are read from the OpenAPI schema and the admin pages from the admin site, so
 a route added later is covered without touching this file.
@@ -20,7 +21,7 @@ from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
 from search.curation import ingest_image
-from search.models import ImageAsset
+from search.models import Collection, ImageAsset
 from tests.conftest import ROOT
 from tests.helpers import image_bytes
 
@@ -145,6 +146,73 @@ def test_admin_pages_need_staff_and_model_permissions(client, users):
             continue  # index versions are written by workers only
         assert client.get(page).status_code == 200, page
     assert ImageAsset.objects.filter(pk=asset_id).exists()
+
+
+# Who sees a collection of each visibility (search.visibility).
+SEES = {"anonymous": {"public"}, "user": {"public", "users"}, "staff": {"public", "users", "staff"}}
+# The routes that show one picture or one collection: 200 when it may be seen, else 404.
+ONE_THING = {
+    "assets/<int:pk>/": lambda asset: f"/assets/{asset.pk}/",
+    "collections/<path:slug>/": lambda asset: asset.collection_url(),
+    "media": lambda asset: asset.file.url,
+    "api/assets/<pk>/": lambda asset: f"/api/assets/{asset.pk}/",
+}
+# The routes that list pictures or collections: the thing is listed only when it may be seen.
+def _api_ids(response) -> set[int]:
+    body = response.json()
+    return {row["id"] for row in (body["results"] if isinstance(body, dict) else body)}
+
+
+LISTINGS = {
+    "": ("/", lambda response, asset: f'href="/assets/{asset.pk}/"' in response.content.decode()),
+    "collections/": ("/collections/",
+                     lambda response, asset: f'href="{asset.collection_url()}"' in response.content.decode()),
+    "api/assets/": ("/api/assets/", lambda response, asset: asset.pk in _api_ids(response)),
+}
+
+
+def test_every_page_api_read_and_media_file_obeys_the_collection_visibility(users, settings, tmp_path):
+    from django.test import Client
+
+    settings.MEDIA_ROOT = tmp_path / "media"
+    routes = {route.lstrip("^").rstrip("$") for route in _flatten(get_resolver().url_patterns)}
+    assert {"collections/", "collections/<path:slug>/", "assets/<int:pk>/"} <= routes
+    assert any(route.startswith(settings.MEDIA_URL.lstrip("/")) for route in routes)
+    assets = {}
+    for i, level in enumerate(sorted(SEES["staff"])):
+        Collection.objects.create(name=f"perm-{level}", visibility=level)
+        assets[level] = ingest_image(image_bytes((i, 7, 7)), [f"perm {level}"], collection=f"perm-{level}").asset
+    matrix = {}
+    for who in SEES:
+        browser, api = Client(), token_client(users.get(who))
+        if who != "anonymous":
+            browser.force_login(users[who])
+        for level, asset in assets.items():
+            seen = level in SEES[who]
+            for route, url in ONE_THING.items():
+                response = (api if route.startswith("api/") else browser).get(url(asset))
+                matrix[(route, who, level)] = response.status_code
+                assert response.status_code == (200 if seen else 404), (route, who, level, response.status_code)
+            for route, (url, mark) in LISTINGS.items():
+                response = (api if route.startswith("api/") else browser).get(url)
+                assert response.status_code == 200, (route, who)
+                listed = mark(response, asset)
+                matrix[(route, who, level)] = listed
+                assert listed == seen, (route, who, level)
+    assert len(matrix) == len(SEES) * len(assets) * (len(ONE_THING) + len(LISTINGS))
+
+
+def test_logging_in_and_out_is_open_to_everyone_and_logging_out_takes_a_post(users):
+    from django.test import Client
+
+    for who in SEES:
+        browser = Client()
+        if who != "anonymous":
+            browser.force_login(users[who])
+        assert browser.get(reverse("login")).status_code == 200, who
+        assert browser.get(reverse("logout")).status_code == 405, who
+        out = browser.post(reverse("logout"))
+        assert out.status_code == 302 and out["Location"] == reverse("home"), who
 
 
 def _flatten(patterns, prefix=""):
