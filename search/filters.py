@@ -271,6 +271,11 @@ class ProcessFacets:
         self._version = None
         self._matches = LRU(64)
 
+    @property
+    def rows(self) -> int:
+        """How many pictures the table holds now (0 before its first read)."""
+        return len(self._table)
+
     def table(self, version=None) -> FacetTable:
         """The table, refreshed when older than SEARCH_FILTER_REFRESH seconds or read for another
         index version. While one thread refreshes, the others use the table as it was."""

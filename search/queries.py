@@ -14,7 +14,7 @@ from django.conf import settings
 from embeddings.models import Embedding, EmbeddingModel
 from embeddings.services import encoder_for
 from search import cursors, serving
-from search.filters import SearchFilters, parse_sort, subset_for
+from search.filters import SearchFilters, facets, parse_sort, subset_for
 from search.models import Caption, ImageAsset, IndexBuild
 from search.serving import ServingCheck, _on_serving_model, _signature_sql, loaded_indices, serving_model
 from search.errors import InvalidQuery
@@ -434,7 +434,8 @@ def search_asset(asset_id, k=10, min_score=None, cursor: str | None = None,
 
 def warm_up() -> bool:
     """Load what the first searches of a process would otherwise wait for: the active
-    model's towers (ONNX sessions, CUDA graph), its two indices and their scan copies.
+    model's towers (ONNX sessions, CUDA graph), its two indices and their scan copies, and the
+    table the filters read.
     Run by each web worker as it starts (``portal/gunicorn.py``). Never raises: a
     portal without an active model, or with its database away, still starts."""
     from PIL import Image
@@ -448,6 +449,9 @@ def warm_up() -> bool:
             served = loaded_indices.served(model, modality)
             if served is not None and served.index.count():
                 served.index.search(vector.reshape(1, -1), 1)  # makes the index's scan copy
+        images = loaded_indices.served(model, IndexBuild.Modality.IMAGE)
+        if images is not None:
+            facets.table(images.version)  # the filterable attributes, read whole the first time
         return True
     except Exception as exc:
         log.warning("warm-up skipped: %s", exc)

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 from django.core.management import call_command
+from django.utils import timezone
 
 from embeddings import services
 from embeddings.core import synthetic
-from search.models import ImageAsset
+from search.models import Collection, ImageAsset
 from tests.helpers import image_bytes
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -143,3 +144,36 @@ def test_results_can_be_walked_with_the_keyboard_and_a_search_shows_it_is_runnin
         return [document.getElementById('search-status').textContent, document.body.className];
     }""")
     assert status[0] == "Searching…" and "loading" in status[1]
+
+
+def test_a_filter_from_the_panel_keeps_its_collection_and_the_url_can_be_shared(page, demo_world):
+    picked = list(ImageAsset.objects.order_by("pk").values_list("pk", flat=True)[:5])
+    ImageAsset.objects.filter(pk__in=picked).update(collection="picked", updated=timezone.now())
+    Collection.objects.get_or_create(name="picked")
+    page.goto("/")
+    page.fill("input[name=q]", "a red circle")
+    page.click("details.filters summary")
+    page.select_option("select[name=collection]", "picked")
+    page.click("form.text-search button[type=submit]")
+    page.wait_for_selector(".grid .card")
+    shown = page.eval_on_selector_all(".grid .card > a", "links => links.map(a => a.getAttribute('href'))")
+    assert sorted(int(href.split("similar=")[1].split("&")[0]) for href in shown) == sorted(picked)
+    assert "collection=picked" in page.url and page.locator("details.filters[open]").count() == 1
+    screenshot(page, "filtered-search")
+    # The address is the search: opened afresh it gives the same pictures.
+    again = page.context.new_page()
+    again.goto(page.url)
+    assert again.locator(".grid .card").count() == 5
+
+
+def test_scrolling_to_the_end_of_the_results_appends_the_next_page(page, demo_world):
+    page.goto("/?q=a+red+circle")
+    assert page.locator(".grid .card").count() == 12
+    first_page = page.eval_on_selector_all(".grid .card > a", "links => links.map(a => a.getAttribute('href'))")
+    page.locator("p.pages.more a").scroll_into_view_if_needed()
+    page.wait_for_function("document.querySelectorAll('.grid .card').length === 24")
+    shown = page.eval_on_selector_all(".grid .card > a", "links => links.map(a => a.getAttribute('href'))")
+    assert shown[:12] == first_page and len(set(shown)) == 24
+    page.wait_for_selector("p.pages", state="attached")
+    assert "No more results." in page.text_content("p.pages")
+    screenshot(page, "infinite-scroll")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from embeddings import services
-from search import asset_vectors, index_sync, queries, serving
+from search import asset_vectors, filters, index_sync, queries, serving
 from search.api import serializers as s
 from search.curation import ingest_image
 from search.models import ImageAsset
@@ -272,6 +272,7 @@ def test_warm_up_loads_the_towers_indices_and_scan_copies_a_first_search_needs(g
     assert encoder.is_loaded  # by the warm-up: nothing else loaded it since the cache was cleared
     served = fresh.served(serving.serving_model(), "image")
     assert served is not None and served.index._half is not None  # the float16 scan copy is made
+    assert filters.facets.rows == len(gallery)  # the filters' table is read
 
 
 def test_warm_up_without_an_active_model_lets_the_worker_start(db, clean_state):
