@@ -70,7 +70,7 @@ def test_a_staff_only_collection_is_hidden_from_a_visitor_until_staff_log_in(pag
     public, hidden = pictures["public"].file.url, pictures["hidden"].file.url
     page.goto("/")
     assert page.locator(".grid .card").count() == 1
-    assert page.locator(f'img[src="{public}"]').evaluate("img => img.naturalWidth") == 96
+    assert page.locator(f'img[src="{public}"]').evaluate("img => img.decode().then(() => img.naturalWidth)") == 96
     assert page.locator(f'img[src="{hidden}"]').count() == 0
     page.goto("/collections/")
     assert page.locator(".collection", has_text="holidays").is_visible()
@@ -84,7 +84,7 @@ def test_a_staff_only_collection_is_hidden_from_a_visitor_until_staff_log_in(pag
     log_in(page, "curator", "pw-curator")
     page.wait_for_url("**/collections/internal/")
     card = page.locator(f'.grid img[src="{hidden}"]')
-    assert card.evaluate("img => img.complete && img.naturalWidth") == 96  # the file came through
+    assert card.evaluate("img => img.decode().then(() => img.naturalWidth)") == 96  # the file came through
     assert page.locator(".badge", has_text="staff").is_visible()
     screenshot(page, "private-collection-staff")
     assert page.goto(hidden).status == 200
