@@ -28,6 +28,7 @@ from django.utils.http import http_date
 from django.views.decorators.http import require_safe
 from django.views.static import was_modified_since
 
+from search.api.access import search_allowed
 from search.models import Collection, ImageAsset
 from search.visibility import collection_visibility, may_see
 
@@ -69,6 +70,8 @@ def _find(request, name: str) -> tuple[str, str]:
 def media_file(request, path):
     """One stored file, if this user may see it (module docstring)."""
     name = _clean_name(path)
+    if not name.startswith(GENERATED_PREFIXES) and not search_allowed(request.user):
+        raise Http404("No such file.")  # a portal for logged-in users only keeps its pictures too
     content_type, visibility = _find(request, name)
     full_path = Path(safe_join(settings.MEDIA_ROOT, name))
     if settings.MEDIA_ACCEL_REDIRECT:

@@ -396,3 +396,12 @@ def test_a_visitor_logging_in_sees_the_users_collection(client, world, plain_use
     assert client.get(world[V.USERS].file.url).status_code == 404
     client.force_login(plain_user)
     assert client.get(world[V.USERS].file.url).status_code == 200
+
+
+def test_a_portal_for_logged_in_users_only_keeps_even_public_pictures_from_the_anonymous(world, client,
+                                                                                        plain_user, settings):
+    settings.SEARCH_REQUIRES_LOGIN = True
+    url = world[V.PUBLIC].file.url
+    assert client.get(url).status_code == 404
+    client.force_login(plain_user)
+    assert client.get(url).status_code == 200
