@@ -247,3 +247,21 @@ def test_the_schema_describes_the_filters(client):
     for name in filters.FILTER_PARAMETERS:
         assert name in text and name in image
     assert set(text["sort"]["enum"]) == set(filters.SORTS) and "cursor" in image
+
+
+@pytest.mark.parametrize("level", ["public", "users", "staff"])
+@pytest.mark.parametrize("who", ["anonymous", "user", "staff"])
+def test_every_search_mode_obeys_the_visibility_of_a_collection(gallery, api_client, plain_user, staff_user,
+                                                                who, level, client):
+    Collection.objects.filter(name="north").update(visibility=level)
+    sees = {"anonymous": {"public"}, "user": {"public", "users"}, "staff": {"public", "users", "staff"}}[who]
+    if who != "anonymous":
+        api_client.force_authenticate({"user": plain_user, "staff": staff_user}[who])
+        client.force_login({"user": plain_user, "staff": staff_user}[who])
+    north = {a.pk for a in gallery if a.collection == "north"}
+    text = api_client.post("/api/search/text/", {"query": "a red square", "k": 40}, format="json").json()
+    similar = api_client.post("/api/search/image/", {"asset_id": gallery[1].pk, "k": 40}, format="json").json()
+    page = client.get("/", {"q": "a red square", "k": 40})
+    found = ({h["asset"]["id"] for h in text["results"]} | {h["asset"]["id"] for h in similar["images"]}
+             | {c["asset_id"] for c in similar["captions"]} | {h.asset.pk for h in page.context["result"].images})
+    assert bool(found & north) == (level in sees)
