@@ -5,6 +5,7 @@
     index = create_index("faiss-flat", dim=768)
     index.add(ids, unit_vectors)            # upsert by id
     ids, scores = index.search(query, k=10)
+    ids, scores = index.search(query, k=10, subset=Subset(allowed_ids))  # filtered inside the search
     sha = index.save("/data/index/v42.vidx")
     index = load_index("/data/index/v42.vidx", checksum=sha)
 
@@ -13,6 +14,7 @@ Backends are registered by name in ``registry.BACKENDS`` and imported lazily.
 
 from search.core.vector_index.base import (
     ChecksumMismatch,
+    Subset,
     VectorIndex,
     VectorIndexError,
     atomic_write,
@@ -29,6 +31,7 @@ from search.core.vector_index.registry import (
 __all__ = [
     "BACKENDS",
     "ChecksumMismatch",
+    "Subset",
     "VectorIndex",
     "VectorIndexError",
     "atomic_write",

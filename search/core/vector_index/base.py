@@ -36,6 +36,7 @@ __all__ = [
     "ChecksumMismatch",
     "FILE_FORMAT_VERSION",
     "MAGIC",
+    "Subset",
     "VectorIndex",
     "VectorIndexError",
     "atomic_write",
@@ -272,6 +273,80 @@ def empty_results(n_queries: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
+def in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Mask of ``ids`` present in the sorted array ``sorted_ids``."""
+    if not len(sorted_ids):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.searchsorted(sorted_ids, ids)
+    pos[pos == len(sorted_ids)] = 0
+    return sorted_ids[pos] == ids
+
+
+# --------------------------------------------------------------------------
+# Filters
+# --------------------------------------------------------------------------
+
+
+class Subset:
+    """The rows a search may return: a filter applied inside the vector search,
+    so a subset keeping one row in a thousand still yields ``k`` hits.
+
+    ``Subset(ids)``: any int array-like of ids, kept as ``.ids``, a sorted,
+    unique, contiguous int64 array (ids not in the index are simply never
+    found). ``Subset(sql=..., sql_params=...)``: an SQL boolean condition over
+    the row id column ``id`` (``"id IN (SELECT id FROM tags WHERE tag = %s)"``),
+    for backends whose rows live in a table (pgvector), which then filter in
+    the same statement as the vector ordering; ``.ids`` is None. Both may be
+    given: table-backed backends use ``sql``, the others ``ids``. The SQL text is
+    put into the statement as written, so it must come from code, never from a
+    request; values go into ``sql_params``.
+    """
+
+    __slots__ = ("ids", "sql", "sql_params")
+
+    def __init__(self, ids: Any = None, *, sql: str | None = None, sql_params: Any = ()):
+        if ids is None and sql is None:
+            raise VectorIndexError("a Subset needs ids, an SQL condition, or both")
+        if sql is not None and not (isinstance(sql, str) and sql.strip()):
+            raise VectorIndexError(f"a Subset's sql must be a non-empty string, got {sql!r}")
+        self.ids: np.ndarray | None = None if ids is None else _sorted_unique(as_ids(ids))
+        self.sql: str | None = sql
+        self.sql_params: tuple = tuple(sql_params)
+
+    def __len__(self) -> int:
+        if self.ids is None:
+            raise TypeError("a Subset given only as SQL has no size known in Python")
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        parts = [] if self.ids is None else [f"{len(self.ids)} ids"]
+        if self.sql is not None:
+            parts.append(f"sql={self.sql!r}")
+        return f"<Subset {', '.join(parts)}>"
+
+    def require_ids(self, backend: str) -> np.ndarray:
+        """``.ids``, or VectorIndexError for a backend that cannot run SQL."""
+        if self.ids is None:
+            raise VectorIndexError(
+                f"the {backend!r} backend filters by ids: give the Subset ids, not only an SQL condition"
+            )
+        return self.ids
+
+
+def _sorted_unique(ids: np.ndarray) -> np.ndarray:
+    # Filters usually arrive sorted already (from a sorted column): checking is
+    # far cheaper than sorting a million ids again.
+    if len(ids) < 2 or bool(np.all(ids[1:] > ids[:-1])):
+        return ids
+    return np.unique(ids)
+
+
+def as_subset(subset: Any) -> Subset | None:
+    if subset is None or isinstance(subset, Subset):
+        return subset
+    raise VectorIndexError(f"subset must be a Subset or None, got {type(subset).__name__}")
+
+
 # --------------------------------------------------------------------------
 # The contract
 # --------------------------------------------------------------------------
@@ -321,12 +396,18 @@ class VectorIndex(abc.ABC):
         """Remove rows by id; unknown ids are ignored. Returns how many went."""
 
     @abc.abstractmethod
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows for each query, best first.
 
         Returns (ids int64 (Q, k), scores float32 (Q, k)); slots beyond the
         number of stored rows hold id -1 and score -inf. A 1-D query is
         treated as (1, dim).
+
+        With ``subset`` only its rows are candidates, and the filter is applied
+        inside the search, not to a short list afterwards: as long as ``k`` of
+        its rows are stored, ``k`` come back, however few rows it keeps. An
+        empty subset gives empty results. Backends that cannot run SQL raise
+        VectorIndexError for a subset without ids.
         """
 
     @abc.abstractmethod

@@ -22,6 +22,13 @@ below 4 × k in the fp16 pass — which takes score gaps under fp16's rounding
 (~1e-4). Batches of queries keep the float32 matrix product. The copy costs half
 the float32 vectors' memory again; ``$VECTOR_INDEX_FLAT_SCAN=float32`` turns it
 off (``fp16`` is the default).
+
+A search inside a ``Subset`` stays exact. Its ids are turned into rows of the
+flat store (``faiss_subsets.RowMap``, kept until the next change like the
+copies above); a subset of at most ``gather_max_fraction`` of the rows is
+scored row by row where the rows lie, a larger one by the usual scan (the fp16
+one for single queries) with a bitmap selector of its rows, which skips the
+others. On CUDA the product over all rows is masked before the top-k.
 """
 
 from __future__ import annotations
@@ -35,14 +42,17 @@ import faiss
 import numpy as np
 
 from search.core.vector_index.base import (
+    Subset,
     VectorIndex,
     VectorIndexError,
     as_ids,
     as_k,
+    as_subset,
     as_vectors,
     empty_results,
     upsert_batch,
 )
+from search.core.vector_index.faiss_subsets import RowMap, row_selector, top_k_in_rows
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +95,9 @@ class FaissFlatIndex(VectorIndex):
     """``IndexIDMap2(IndexFlatIP(dim))``: brute-force, exact, no parameters."""
 
     backend = "faiss-flat"
+    #: Subsets of at most this fraction of the rows are scored row by row in
+    #: place; larger ones are scanned with a selector (see the module docstring).
+    gather_max_fraction: float = 0.25
 
     def __init__(self, dim: int, **params):
         super().__init__(dim, **params)
@@ -95,6 +108,7 @@ class FaissFlatIndex(VectorIndex):
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self._mirror = None  # (device, ids, vectors) as torch tensors, see search_device()
         self._half = None  # (IndexRefine, its fp16 base, ids by row), see fp16_scan()
+        self._rows = None  # RowMap: id -> row, for subsets
         self._mirror_lock = threading.Lock()
 
     def _stored_ids(self) -> np.ndarray:
@@ -110,14 +124,14 @@ class FaissFlatIndex(VectorIndex):
         if self._index.ntotal and np.isin(ids, self._stored_ids()).any():
             self._index.remove_ids(ids)
         self._index.add_with_ids(vectors, ids)
-        self._mirror = self._half = None
+        self._mirror = self._half = self._rows = None
 
     def remove(self, ids) -> int:
         ids = as_ids(ids)
         if len(ids) == 0 or self._index.ntotal == 0:
             return 0
         removed = int(self._index.remove_ids(ids))
-        self._mirror = self._half = None
+        self._mirror = self._half = self._rows = None
         return removed
 
     def _device_copy(self, device: str):
@@ -158,31 +172,72 @@ class FaissFlatIndex(VectorIndex):
                 self._half = (refine, base, self._stored_ids().copy())
         return self._half
 
-    def _search_fp16(self, queries: np.ndarray, k: int):
+    def _row_map(self) -> RowMap:
+        """Row of each stored id, made on first use after a change."""
+        rows = self._rows
+        if rows is None:
+            with self._mirror_lock:
+                if self._rows is None:
+                    self._rows = RowMap(self._stored_ids().copy())
+                rows = self._rows
+        return rows
+
+    def _single_fp16(self, queries: np.ndarray) -> bool:
+        return len(queries) < faiss.cvar.distance_compute_blas_threshold and fp16_scan()
+
+    def _search_fp16(self, queries: np.ndarray, k: int, params=None):
         refine, _, ids_by_row = self._fp16_refine()
-        scores, rows = refine.search(queries, k)
+        scores, rows = refine.search(queries, k, params=params)
         return np.where(rows >= 0, ids_by_row[np.maximum(rows, 0)], -1), scores
 
-    def _search_on_device(self, device: str, queries: np.ndarray, k: int):
+    def _search_on_device(self, device: str, queries: np.ndarray, k: int, rows: np.ndarray | None = None):
         import torch
 
         ids, vectors = self._device_copy(device)
         with torch.inference_mode():
             scores = torch.from_numpy(queries).to(device) @ vectors.T
+            if rows is not None:  # only the subset's rows may win (k <= len(rows))
+                keep = torch.zeros(scores.shape[1], dtype=torch.bool, device=device)
+                keep[torch.from_numpy(rows).to(device)] = True
+                scores.masked_fill_(~keep, float("-inf"))
             top_scores, top_rows = torch.topk(scores, k, dim=1)
             return ids[top_rows].cpu().numpy(), top_scores.cpu().numpy()
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_rows(self, queries: np.ndarray, k: int, rows: np.ndarray):
+        """Exact top-k among the stored ``rows`` on the CPU (``k <= len(rows)``)."""
+        total, flat = self._index.ntotal, faiss.downcast_index(self._index.index)
+        ids_by_row = self._row_map().ids_by_row
+        if len(rows) <= self.gather_max_fraction * total:
+            scores, found = top_k_in_rows(queries, flat.get_xb(), total, np.sort(rows), k)
+            return ids_by_row[found], scores
+        selector, _bitmap = row_selector(rows, total)  # the bitmap lives as long as the call
+        if self._single_fp16(queries):
+            base_params = faiss.SearchParameters()
+            base_params.sel = selector
+            params = faiss.IndexRefineSearchParameters()
+            params.k_factor = FP16_REFINE_FACTOR
+            params.base_index_params = base_params
+            return self._search_fp16(queries, k, params)
+        params = faiss.SearchParameters()
+        params.sel = selector
+        scores, found = flat.search(queries, k, params=params)
+        return np.where(found >= 0, ids_by_row[np.maximum(found, 0)], -1), scores
+
+    def search(self, queries, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = as_vectors(queries, self.dim, allow_single=True)
         k = as_k(k)
+        subset = as_subset(subset)
         out_ids, out_scores = empty_results(len(queries), k)
+        rows = None if subset is None else self._row_map().rows_of(subset.require_ids(self.backend))
         # Ask FAISS for at most as many rows as exist; the rest stays padded.
-        k_found = min(k, self._index.ntotal)
+        k_found = min(k, self._index.ntotal if rows is None else len(rows))
         if k_found and len(queries):
             device = search_device()
             if device is not None:
-                ids, scores = self._search_on_device(device, queries, k_found)
-            elif len(queries) < faiss.cvar.distance_compute_blas_threshold and fp16_scan():
+                ids, scores = self._search_on_device(device, queries, k_found, rows)
+            elif rows is not None:
+                ids, scores = self._search_rows(queries, k_found, rows)
+            elif self._single_fp16(queries):
                 ids, scores = self._search_fp16(queries, k_found)
             else:
                 scores, ids = self._index.search(queries, k_found)

@@ -27,6 +27,19 @@ Parameters (all optional):
     (p50 1.5 ms on 2 cores).
 ``rebuild_fraction`` (0.25)
     rebuild the graph once this fraction of the rows are tombstones.
+``exact_subset_max`` (EXACT_SUBSET_MAX), ``subset_ef_max`` (SUBSET_EF_MAX)
+    searching inside a ``Subset`` (search parameters, see below).
+
+**Filtered searches.** A subset's ids become graph labels (live rows only,
+through a ``faiss_subsets.RowMap``). A subset of at most ``exact_subset_max``
+rows is searched exactly: its float32 vectors are scored in place in the
+graph's flat storage, which costs time in proportion to the subset, not to the
+index. A larger one walks the graph with a bitmap selector of its labels (so
+tombstones are excluded as well) and ``efSearch`` scaled by ``1 / (the
+subset's share of the graph's rows)``, at most ``subset_ef_max``: the walk
+passes through rows outside the subset, and the candidate list must hold
+enough of the subset's rows for ``k`` good ones. ``manage.py bench_filters``
+measures both strategies at each selectivity; the defaults come from it.
 
 Scores are exact inner products of the query with the stored float32 vector;
 only the candidate set is approximate. Callers pass unit vectors, making the
@@ -41,19 +54,31 @@ import faiss
 import numpy as np
 
 from search.core.vector_index.base import (
+    Subset,
     VectorIndex,
     VectorIndexError,
     _is_int,
     as_ids,
     as_k,
+    as_subset,
     as_vectors,
     empty_results,
     upsert_batch,
 )
+from search.core.vector_index.faiss_subsets import (
+    RowMap,
+    mask_selector,
+    row_selector,
+    top_k_in_rows,
+)
 
 __all__ = ["FaissHNSWIndex", "faiss_part"]
 
-DEFAULTS = {"m": 32, "ef_construction": 40, "ef_search": 256, "rebuild_fraction": 0.25}
+EXACT_SUBSET_MAX = 20_000
+SUBSET_EF_MAX = 2048
+DEFAULTS = {"m": 32, "ef_construction": 40, "ef_search": 256, "rebuild_fraction": 0.25,
+            "exact_subset_max": EXACT_SUBSET_MAX, "subset_ef_max": SUBSET_EF_MAX}
+TOMBSTONE_EF_FACTOR_MAX = 20
 _PARTS = struct.Struct("<QQQ")  # faiss bytes, label count, bitmap bytes
 
 
@@ -91,7 +116,7 @@ class FaissHNSWIndex(VectorIndex):
 
     backend = "faiss-hnsw"
     exact = False
-    search_param_names = frozenset({"ef_search"})
+    search_param_names = frozenset({"ef_search", "exact_subset_max", "subset_ef_max"})
 
     def __init__(self, dim: int, **params):
         super().__init__(dim, **params)
@@ -102,6 +127,7 @@ class FaissHNSWIndex(VectorIndex):
         self._deleted = np.empty(0, dtype=bool)  # faiss label -> tombstone
         self._n_deleted = 0
         self._selector = None  # (IDSelectorBitmap, its bitmap), rebuilt after mutations
+        self._rows = None  # RowMap: live id -> label, for subsets; rebuilt after mutations
 
     def _check_params(self, params: dict) -> None:
         unknown = sorted(set(params) - set(DEFAULTS))
@@ -112,6 +138,11 @@ class FaissHNSWIndex(VectorIndex):
         _positive_int(params, "m", upper=512)
         _positive_int(params, "ef_construction", upper=1 << 16)
         _positive_int(params, "ef_search", upper=1 << 16)
+        _positive_int(params, "subset_ef_max", upper=1 << 16)
+        if not _is_int(params["exact_subset_max"]) or params["exact_subset_max"] < 0:
+            raise VectorIndexError(
+                f"exact_subset_max must be an integer >= 0, got {params['exact_subset_max']!r}"
+            )
         fraction = params["rebuild_fraction"]
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise VectorIndexError(f"rebuild_fraction must be in (0, 1], got {fraction!r}")
@@ -132,7 +163,7 @@ class FaissHNSWIndex(VectorIndex):
         if len(labels):
             self._deleted[labels] = True
             self._n_deleted += len(labels)
-            self._selector = None
+            self._changed()
 
     def add(self, ids, vectors) -> None:
         ids, vectors = upsert_batch(ids, vectors, self.dim)
@@ -142,7 +173,7 @@ class FaissHNSWIndex(VectorIndex):
         self._index.add(vectors)
         self._labels = np.concatenate([self._labels, ids])
         self._deleted = np.concatenate([self._deleted, np.zeros(len(ids), dtype=bool)])
-        self._selector = None
+        self._changed()
         self._maybe_compact()
 
     def remove(self, ids) -> int:
@@ -168,7 +199,11 @@ class FaissHNSWIndex(VectorIndex):
         self._labels = np.ascontiguousarray(self._labels[live])
         self._deleted = np.zeros(len(live), dtype=bool)
         self._n_deleted = 0
-        self._selector = None
+        self._changed()
+
+    def _changed(self) -> None:
+        """Drop what is derived from the rows (remade by the next search that needs it)."""
+        self._selector = self._rows = None
 
     @property
     def tombstones(self) -> int:
@@ -182,27 +217,58 @@ class FaissHNSWIndex(VectorIndex):
         ef = max(int(self.params["ef_search"]), k)
         if self._n_deleted:
             if self._selector is None:
-                bitmap = np.packbits(~self._deleted, bitorder="little")
-                self._selector = (faiss.IDSelectorBitmap(len(self._deleted), faiss.swig_ptr(bitmap)), bitmap)
+                self._selector = mask_selector(~self._deleted)
             params.sel = self._selector[0]
             # Over-fetch: the graph is walked through deleted nodes too.
             live_fraction = 1.0 - self._n_deleted / len(self._labels)
-            ef = int(np.ceil(ef / max(live_fraction, 0.05)))
+            ef = int(np.ceil(ef / max(live_fraction, 1 / TOMBSTONE_EF_FACTOR_MAX)))
         params.efSearch = ef
         return params, self._selector
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _row_map(self) -> RowMap:
+        rows = self._rows
+        if rows is None:
+            rows = self._rows = RowMap(self._labels, ~self._deleted)
+        return rows
+
+    def _search_subset(self, queries: np.ndarray, k: int, labels: np.ndarray):
+        """(scores, labels) of the top ``k`` among live ``labels`` (``k <= len(labels)``)."""
+        total = len(self._labels)
+        if len(labels) <= self.params["exact_subset_max"]:
+            return self._exact_top_k(queries, labels, k)
+        selector, _bitmap = row_selector(labels, total)  # referenced until the search returns
+        params = faiss.SearchParametersHNSW()
+        params.sel = selector
+        ef = max(int(self.params["ef_search"]), k)
+        params.efSearch = max(ef, min(int(np.ceil(ef * total / len(labels))), int(self.params["subset_ef_max"])))
+        scores, found = self._index.search(queries, k, params=params)
+        short = np.flatnonzero(found[:, -1] < 0)
+        if len(short):  # the walk ended before meeting k of the subset's rows: score them all
+            scores[short], found[short] = self._exact_top_k(queries[short], labels, k)
+        return scores, found
+
+    def _exact_top_k(self, queries: np.ndarray, labels: np.ndarray, k: int):
+        """(scores, labels): the exact top ``k`` among ``labels``, scored in the graph's flat storage."""
+        storage = faiss.downcast_index(self._index.storage)
+        return top_k_in_rows(queries, storage.get_xb(), len(self._labels), np.sort(labels), k)
+
+    def search(self, queries, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = as_vectors(queries, self.dim, allow_single=True)
         k = as_k(k)
+        subset = as_subset(subset)
         out_ids, out_scores = empty_results(len(queries), k)
-        k_found = min(k, self.count())
+        labels = None if subset is None else self._row_map().rows_of(subset.require_ids(self.backend))
+        k_found = min(k, self.count() if labels is None else len(labels))
         if k_found and len(queries):
-            # The selector (and its bitmap) stay referenced for the whole call.
-            params, _refs = self._search_params(k_found)
-            scores, labels = self._index.search(queries, k_found, params=params)
-            found = labels >= 0
-            out_ids[:, :k_found] = np.where(found, self._labels[np.where(found, labels, 0)], -1)
-            out_scores[:, :k_found] = np.where(found, scores, -np.inf)
+            if labels is not None:
+                scores, found = self._search_subset(queries, k_found, labels)
+            else:
+                # The selector (and its bitmap) stay referenced for the whole call.
+                params, _refs = self._search_params(k_found)
+                scores, found = self._index.search(queries, k_found, params=params)
+            hit = found >= 0
+            out_ids[:, :k_found] = np.where(hit, self._labels[np.where(hit, found, 0)], -1)
+            out_scores[:, :k_found] = np.where(hit, scores, -np.inf)
         return out_ids, out_scores
 
     def count(self) -> int:

@@ -40,6 +40,16 @@ training sample of at least 640k rows.
 Removal and replacement work directly on the inverted lists (FAISS
 ``remove_ids``, a scan of the lists: batch them).
 
+Filtered searches (a ``Subset``): rows still buffered are searched exactly
+among the subset's. Once trained, a subset of at most ``exact_subset_max``
+stored rows is scored whole from its re-ranking codes (the candidates are the
+subset itself; without re-ranking codes every list is probed instead). A
+larger one is searched through the inverted lists with a selector of its ids
+(a bitmap over the id range for database keys, a hash set for sparse ids),
+visiting ``nprobe / (the subset's share of the rows)`` lists (at most all of
+them) so as many of its rows are met as an unfiltered search meets; the
+re-ranking then only sees the subset's rows.
+
 Parameters (all optional):
 
 ``nlist`` (4096), ``nprobe`` (32)
@@ -58,6 +68,8 @@ Parameters (all optional):
     to assign rows during k-means) or "flat".
 ``train_size`` (200000)
     rows buffered before automatic training.
+``exact_subset_max`` (5000)
+    subsets of at most this many rows are scored whole (search parameter).
 """
 
 from __future__ import annotations
@@ -68,16 +80,20 @@ import faiss
 import numpy as np
 
 from search.core.vector_index.base import (
+    Subset,
     VectorIndex,
     VectorIndexError,
     _is_int,
     as_ids,
     as_k,
+    as_subset,
     as_vectors,
     empty_results,
+    in_sorted,
     upsert_batch,
 )
 from search.core.vector_index.faiss_hnsw import faiss_part
+from search.core.vector_index.faiss_subsets import id_selector, top_k_in_rows
 
 __all__ = ["FaissIVFPQIndex"]
 
@@ -92,6 +108,7 @@ DEFAULTS = {
     "k_factor": 32,
     "quantizer": "hnsw",
     "train_size": 200_000,
+    "exact_subset_max": 5_000,
 }
 REFINE_TYPES = {
     "none": None,
@@ -121,15 +138,6 @@ def _auto_pq_m(dim: int) -> int:
         if dim % m == 0:
             return m
     return 1
-
-
-def _in_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Mask of ``ids`` present in the sorted array ``sorted_ids``."""
-    if not len(sorted_ids):
-        return np.zeros(len(ids), dtype=bool)
-    pos = np.searchsorted(sorted_ids, ids)
-    pos[pos == len(sorted_ids)] = 0
-    return sorted_ids[pos] == ids
 
 
 def _top_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,7 +202,7 @@ class FaissIVFPQIndex(VectorIndex):
 
     backend = "faiss-ivfpq"
     exact = False
-    search_param_names = frozenset({"nprobe", "k_factor"})
+    search_param_names = frozenset({"nprobe", "k_factor", "exact_subset_max"})
 
     def __init__(self, dim: int, **params):
         super().__init__(dim, **params)
@@ -225,6 +233,7 @@ class FaissIVFPQIndex(VectorIndex):
             ("pq_nbits", 1, 16),
             ("k_factor", 1, 1 << 12),
             ("train_size", 1, 1 << 40),
+            ("exact_subset_max", 0, 1 << 40),
         ):
             value = params[name]
             if not _is_int(value) or not low <= value <= high:
@@ -417,7 +426,7 @@ class FaissIVFPQIndex(VectorIndex):
         ids, vectors = upsert_batch(ids, vectors, self.dim)
         if len(ids) == 0:
             return
-        existing = _in_sorted(self._sorted_ids, ids)
+        existing = in_sorted(self._sorted_ids, ids)
         if existing.any():
             self._drop(ids[existing])
         rows = self._encode(ids, vectors) if self._index is not None else None
@@ -452,20 +461,24 @@ class FaissIVFPQIndex(VectorIndex):
 
     def remove(self, ids) -> int:
         ids = np.unique(as_ids(ids))
-        present = ids[_in_sorted(self._sorted_ids, ids)]
+        present = ids[in_sorted(self._sorted_ids, ids)]
         if len(present):
             self._drop(present)
         return int(len(present))
 
     # -- search ------------------------------------------------------------------
 
-    def _search_params(self):
+    def _search_params(self, nprobe: int | None = None, selector=None):
+        """Search parameters (and the objects they reference); ``nprobe`` and
+        ``selector`` for filtered searches."""
         ivf_params = faiss.SearchParametersIVF()
-        ivf_params.nprobe = int(self.params["nprobe"])
+        ivf_params.nprobe = int(nprobe or self.params["nprobe"])
+        if selector is not None:
+            ivf_params.sel = selector
         keep = [ivf_params]
         if self.params["quantizer"] == "hnsw":
             quantizer_params = faiss.SearchParametersHNSW()
-            quantizer_params.efSearch = max(64, 2 * int(self.params["nprobe"]))
+            quantizer_params.efSearch = max(64, 2 * ivf_params.nprobe)
             ivf_params.quantizer_params = quantizer_params
             keep.append(quantizer_params)
         if not isinstance(self._index, faiss.IndexPreTransform):
@@ -479,15 +492,22 @@ class FaissIVFPQIndex(VectorIndex):
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         return self._buffer_ids[order], np.take_along_axis(scores, order, axis=1)
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = as_vectors(queries, self.dim, allow_single=True)
         k = as_k(k)
+        subset = as_subset(subset)
         out_ids, out_scores = empty_results(len(queries), k)
+        members = None
+        if subset is not None:
+            wanted = subset.require_ids(self.backend)
+            members = wanted[in_sorted(self._sorted_ids, wanted)]
         n = self.count()
-        k_found = min(k, n)
+        k_found = min(k, n if members is None else len(members))
         if not k_found or not len(queries):
             return out_ids, out_scores
-        if self._index is None:
+        if members is not None:
+            ids, scores = self._search_subset(queries, k_found, members)
+        elif self._index is None:
             ids, scores = self._search_buffer(queries, k_found)
         else:
             fetch = min(n, k_found * (self.params["k_factor"] if self._refining else 1))
@@ -499,6 +519,48 @@ class FaissIVFPQIndex(VectorIndex):
         out_ids[:, :k_found] = ids
         out_scores[:, :k_found] = np.where(ids >= 0, scores, -np.inf)
         return out_ids, out_scores
+
+    def _search_subset(self, queries: np.ndarray, k: int, members: np.ndarray):
+        """(ids, scores) of the top ``k`` among ``members``, stored ids (``k <= len(members)``)."""
+        if self._index is None:
+            rows = np.flatnonzero(np.isin(self._buffer_ids, members))
+            scores, found = top_k_in_rows(queries, faiss.swig_ptr(self._buffer_vectors), len(self._buffer_ids),
+                                          rows, k)
+            return self._buffer_ids[found], scores
+        small = len(members) <= self.params["exact_subset_max"]
+        if small and self._refining:
+            return self._score_members(queries, members, k)
+        nlist = int(self.params["nlist"])
+        nprobe = nlist if small else int(np.ceil(self.params["nprobe"] * self.count() / len(members)))
+        ids, scores = self._probe(queries, k, members, min(nlist, nprobe))
+        short = np.flatnonzero(ids[:, -1] < 0)
+        if len(short):  # the lists visited held fewer than k of the subset's rows
+            ids[short], scores[short] = (self._score_members(queries[short], members, k) if self._refining
+                                         else self._probe(queries[short], k, members, nlist))
+        return ids, scores
+
+    def _probe(self, queries: np.ndarray, k: int, members: np.ndarray, nprobe: int):
+        """(ids, scores): the top ``k`` of the subset's rows in the ``nprobe`` nearest lists."""
+        selector, _referenced = id_selector(members)
+        params, _keep = self._search_params(nprobe, selector)
+        fetch = min(len(members), k * (self.params["k_factor"] if self._refining else 1))
+        scores, ids = self._index.search(queries, fetch, params=params)
+        if self._refining:
+            scores = self._rescore(queries, ids)
+        return _top_k(ids, scores, k)
+
+    def _score_members(self, queries: np.ndarray, members: np.ndarray, k: int, chunk: int = 1 << 16):
+        """(ids, scores): the top ``k`` of ``members`` (stored ids, sorted), every one
+        scored from its re-ranking code, a chunk of rows at a time."""
+        in_ivf = self._ivf_space(queries)
+        best_ids, best_scores = empty_results(len(queries), k)
+        for start in range(0, len(members), chunk):
+            part = members[start : start + chunk]
+            vectors = self._decode_rows(self._sorted_rows[np.searchsorted(self._sorted_ids, part)])
+            scores = in_ivf @ vectors.T
+            best_ids, best_scores = _top_k(np.hstack([best_ids, np.broadcast_to(part, scores.shape)]),
+                                           np.hstack([best_scores, scores]), k)
+        return best_ids, best_scores
 
     def _rescore(self, queries: np.ndarray, ids: np.ndarray, chunk: int = 64) -> np.ndarray:
         """Inner products of each query with its candidates' re-ranking vectors."""

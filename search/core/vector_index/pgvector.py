@@ -16,6 +16,19 @@ files around. A search is one SQL statement per query::
 (``<#>`` is the negative inner product; scores are returned as the inner
 product, or ``1 - cosine distance`` with ``distance="cosine"``).
 
+**Filtered searches.** A ``Subset``'s condition goes into the WHERE of that
+same statement: its ``sql`` as written (placeholders ``%s``, values in
+``sql_params``), or ``id = ANY(%s)`` with its ids. PostgreSQL then picks the
+plan: for a selective condition usually the matching rows and an exact sort,
+otherwise the HNSW scan with the condition as a filter. That scan runs as an
+iterative scan in relaxed order (pgvector >= 0.8: the graph is walked further
+until ``k`` rows pass the filter, or ``hnsw.max_scan_tuples`` rows were seen),
+in a transaction (or savepoint) of its own so the setting goes with it; the
+rows are re-sorted by score here, as relaxed order allows them to be slightly
+out of order. A query that still gets fewer than ``k`` rows is asked again
+with an exact ordering over the matching rows, so every matching row can be
+found. Before pgvector 0.8 every filtered search orders exactly.
+
 **Files.** A pgvector index is not one file per version: ``save`` writes a
 small manifest in the common file format (header + JSON naming the table),
 and ``load`` reopens the table it names. Every version of an index therefore
@@ -69,11 +82,13 @@ from typing import Callable
 import numpy as np
 
 from search.core.vector_index.base import (
+    Subset,
     VectorIndex,
     VectorIndexError,
     _is_int,
     as_ids,
     as_k,
+    as_subset,
     as_vectors,
     empty_results,
     upsert_batch,
@@ -137,6 +152,17 @@ def _get_connection(alias: str):
 
 _registered: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # connection -> vector type oid
 _session_ef: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # ef_search set per session
+_iterative: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # iterative scans available
+
+
+def _has_iterative_scan(conn) -> bool:
+    """Whether the server's pgvector (0.8 and later) walks the graph further for filters."""
+    found = _iterative.get(conn)
+    if found is None:
+        row = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
+        version = tuple(int(part) for part in re.findall(r"\d+", row[0])[:2]) if row else (0, 0)
+        found = _iterative[conn] = version >= (0, 8)
+    return found
 
 
 def _register_types(conn) -> None:
@@ -422,19 +448,23 @@ class PgVectorIndex(VectorIndex):
             conn.execute(statement.format(local="false"), [str(ef)])
             _session_ef[conn] = ef
 
-    def search(self, queries, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
         queries = as_vectors(queries, self.dim, allow_single=True)
         k = as_k(k)
+        subset = as_subset(subset)
         out_ids, out_scores = empty_results(len(queries), k)
-        if not len(queries):
+        if not len(queries) or (subset is not None and subset.sql is None and not len(subset.ids)):
             return out_ids, out_scores
         from psycopg import sql
 
         conn = self._connection()
         if not self._exists(conn):
             return out_ids, out_scores
+        if subset is not None:
+            self._search_subset(conn, queries, k, subset, out_ids, out_scores)
+            return out_ids, out_scores
         table, _, _ = self._sql_names()
-        _, operator, to_score = DISTANCES[self.params["distance"]]
+        operator = DISTANCES[self.params["distance"]][1]
         if k <= MAX_EF_SEARCH:
             self._set_search_settings(conn, max(int(self.params["ef_search"]), k))
             order = sql.SQL("embedding {} %(q)s").format(sql.SQL(operator))
@@ -443,20 +473,66 @@ class PgVectorIndex(VectorIndex):
         query = sql.SQL("SELECT id, embedding {} %(q)s FROM {} ORDER BY {} LIMIT %(k)s").format(
             sql.SQL(operator), table, order
         )
+        self._fetch(conn, query, queries, lambda vector: {"q": vector, "k": k}, out_ids, out_scores)
+        return out_ids, out_scores
+
+    def _fetch(self, conn, query, queries, params, out_ids, out_scores, rows=None, resort=False) -> np.ndarray:
+        """Run ``query`` for each of ``queries`` (those numbered ``rows``; all by
+        default) with ``params(vector)``, writing what it finds into the outputs;
+        returns how many rows each query found."""
         import psycopg
         from pgvector import Vector  # adapted by its class (numpy arrays are by name, once)
 
+        to_score = DISTANCES[self.params["distance"]][2]
+        rows = range(len(queries)) if rows is None else rows
+        counts = np.zeros(len(queries), dtype=np.int64)
         # A server-side binding cursor whatever the connection's default (Django
         # binds on the client side): the query vector travels in binary.
         with psycopg.Cursor(conn) as cur:
-            for row, vector in enumerate(queries):
-                cur.execute(query, {"q": Vector(vector), "k": k})
+            for row in rows:
+                cur.execute(query, params(Vector(queries[row])))
                 found = cur.fetchall()
                 if found:
-                    ids, dist = zip(*found)
+                    ids, dist = (np.asarray(column) for column in zip(*found))
+                    if resort:
+                        order = np.argsort(dist, kind="stable")
+                        ids, dist = ids[order], dist[order]
                     out_ids[row, : len(ids)] = ids
-                    out_scores[row, : len(ids)] = to_score(np.asarray(dist, dtype=np.float64))
-        return out_ids, out_scores
+                    out_scores[row, : len(ids)] = to_score(dist.astype(np.float64))
+                    counts[row] = len(ids)
+        return counts
+
+    def _search_subset(self, conn, queries, k: int, subset: Subset, out_ids, out_scores) -> None:
+        """The subset's condition in the WHERE of the ordering statement (see the module docstring)."""
+        from psycopg import sql
+
+        table, _, _ = self._sql_names()
+        operator = sql.SQL(DISTANCES[self.params["distance"]][1])
+        if subset.sql is not None:
+            condition, values = sql.SQL(subset.sql), list(subset.sql_params)
+        else:
+            condition, values = sql.SQL("id = ANY(%s)"), [subset.ids.tolist()]
+
+        def statement(exact: bool):
+            order = sql.SQL("(embedding {} %s) + 0" if exact else "embedding {} %s").format(operator)
+            return sql.SQL("SELECT id, embedding {} %s FROM {} WHERE ({}) ORDER BY {} LIMIT %s").format(
+                operator, table, condition, order
+            )
+
+        def params(vector):
+            return [vector, *values, vector, k]
+
+        exact = k > MAX_EF_SEARCH or not _has_iterative_scan(conn)
+        with _atomic(conn):
+            if exact:
+                self._fetch(conn, statement(True), queries, params, out_ids, out_scores)
+                return
+            self._set_local(conn, "hnsw.ef_search", max(int(self.params["ef_search"]), k))
+            self._set_local(conn, "hnsw.iterative_scan", "relaxed_order")
+            found = self._fetch(conn, statement(False), queries, params, out_ids, out_scores, resort=True)
+            short = np.flatnonzero(found < k)
+            if len(short):  # the scan gave up before k rows passed the filter
+                self._fetch(conn, statement(True), queries, params, out_ids, out_scores, rows=short)
 
     def count(self) -> int:
         from psycopg import sql
