@@ -19,6 +19,7 @@ BACKENDS: dict[str, str] = {
     "faiss-hnsw": "search.core.vector_index.faiss_hnsw.FaissHNSWIndex",
     "faiss-ivfpq": "search.core.vector_index.faiss_ivfpq.FaissIVFPQIndex",
     "pgvector": "search.core.vector_index.pgvector.PgVectorIndex",
+    "milvus": "search.core.vector_index.milvus.MilvusIndex",
 }
 
 _classes: dict[str, type[VectorIndex]] = {}
