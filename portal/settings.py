@@ -41,6 +41,16 @@ def service_url(name: str) -> str:
     )
 
 
+def local_service_url(name: str) -> str:
+    """A URL from the environment, else from the running local servers; "" when neither has it."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        return json.loads((STATE_DIR / "services.json").read_text()).get(name, "")
+    except (OSError, ValueError):
+        return ""
+
+
 def local_secret_key() -> str:
     """A random key kept in the state folder, so local sessions survive restarts."""
     key_file = STATE_DIR / "secret_key"
@@ -213,6 +223,12 @@ VECTOR_INDEX_BACKEND = os.environ.get("VECTOR_INDEX_BACKEND", "faiss-flat")
 # Backend parameters as JSON, e.g. '{"ef_search": 128}' for faiss-hnsw or '{"nprobe": 64}' for
 # faiss-ivfpq; defaults and meanings in search/core/vector_index/<backend>.py and docs/scaling.md.
 VECTOR_INDEX_PARAMS = json.loads(os.environ.get("VECTOR_INDEX_PARAMS") or "{}")
+# The milvus backend's server: Milvus Standalone, a Milvus cluster or Zilliz Cloud when set
+# ("http://milvus:19530"); unset, the Milvus Lite server the local services start in the state
+# folder (portal/localservices.py). MILVUS_TOKEN: "user:password" or an API key, for servers
+# with authentication on.
+MILVUS_URI = local_service_url("MILVUS_URI")
+MILVUS_TOKEN = os.environ.get("MILVUS_TOKEN", "")
 INDEX_VERSIONS_KEPT = int(os.environ.get("INDEX_VERSIONS_KEPT", "3"))
 SEARCH_MAX_K = 100
 # A text↔image hit "matches" when the checkpoint's sigmoid head gives it at least this
