@@ -331,7 +331,7 @@ def subset_for(filters: SearchFilters | None, index, version=None) -> Subset | N
     None for no filter. ``version``: the index version served, so new rows are read with it."""
     if filters is None or not filters.restricts:
         return None
-    if getattr(index, "sql_subsets", False):
+    if index.sql_subsets:
         sql, params = ImageAsset.objects.filter(filters.q()).order_by().values("id").query.sql_with_params()
         return Subset(sql=f"id IN ({sql})", sql_params=tuple(params))
     return Subset(facets.matching(filters.conditions(), version))

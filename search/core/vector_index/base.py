@@ -371,6 +371,10 @@ class VectorIndex(abc.ABC):
     #: their results may miss some of the exact top-k, and scores may be
     #: approximations of the inner product.
     exact: ClassVar[bool] = True
+    #: True for backends that run a ``Subset``'s SQL condition in the same
+    #: statement as the vector ordering (``pgvector``); callers that can say
+    #: a filter either way give these the SQL and the others the ids.
+    sql_subsets: ClassVar[bool] = False
     #: Names of the parameters that only affect searching and may be changed
     #: on a built index with ``set_search_params``.
     search_param_names: ClassVar[frozenset] = frozenset()

@@ -226,6 +226,7 @@ class PgVectorIndex(VectorIndex):
     backend = "pgvector"
     exact = False
     snapshot_files = False
+    sql_subsets = True
     search_param_names = frozenset({"ef_search"})
 
     def __init__(self, dim: int, **params):
