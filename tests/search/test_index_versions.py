@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from search import asset_vectors, index_sync
+from embeddings.models import Embedding
+from search import asset_vectors, index_sync, reconciler
 from search.curation import ingest_image
 from search.models import IndexBuild
 from search.serving import LoadedIndices
@@ -85,16 +86,53 @@ def test_rebuild_gives_the_same_vectors_as_stored(tiny_model, isolated):
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend, params", [
+BACKENDS = [
     ("faiss-hnsw", {"ef_search": 32}),
     ("pgvector", {"ef_search": 20}),
-])
-def test_the_configured_backend_and_its_parameters_serve_searches(tiny_model, isolated, settings, backend, params):
+    ("milvus", {"ef": 24, "collection_prefix": "test_versions_"}),
+]
+
+
+@pytest.fixture(params=BACKENDS, ids=[backend for backend, _ in BACKENDS])
+def configured_backend(request, settings, tiny_model):
+    """VECTOR_INDEX_BACKEND and VECTOR_INDEX_PARAMS set to one backend; a milvus collection
+    (no part of the test's transaction) is dropped afterwards."""
+    backend, params = request.param
+    if backend == "milvus" and not settings.MILVUS_URI:
+        pytest.skip("the milvus backend needs a Milvus server: run under bin/test or set MILVUS_URI")
     settings.VECTOR_INDEX_BACKEND, settings.VECTOR_INDEX_PARAMS = backend, params
+    yield backend, params
+    if backend == "milvus":
+        for modality in index_sync.MODALITIES:
+            index_sync._new_index(tiny_model, modality).drop()
+
+
+def test_the_configured_backend_and_its_parameters_serve_searches(tiny_model, isolated, configured_backend):
+    backend, params = configured_backend
     assets = [add_asset(tiny_model, (i * 60, 20, 20), [f"caption {i}"]) for i in range(3)]
     build = index_sync.sync_index(tiny_model, "image", rebuild=True).build
-    assert build.backend == backend and build.params["ef_search"] == params["ef_search"]
+    assert build.backend == backend and {name: build.params[name] for name in params} == params
     index = LoadedIndices().get(tiny_model, "image")
     stored = index_sync.stored_vectors(tiny_model, "image", [a.pk for a in assets])
     ids, _ = index.search(stored, 1)
     assert ids[:, 0].tolist() == [a.pk for a in assets]
+    # An upload after the build is found once the next sync has run.
+    late = add_asset(tiny_model, (250, 250, 20), ["late"])
+    index_sync.sync_index(tiny_model, "image")
+    vector = index_sync.stored_vectors(tiny_model, "image", [late.pk])
+    assert LoadedIndices().get(tiny_model, "image").search(vector, 1)[0][0, 0] == late.pk
+
+
+def test_the_reconciler_finds_and_repairs_drift_in_each_backend(tiny_model, isolated, configured_backend):
+    assets = [add_asset(tiny_model, (i * 60, 90, 20), [f"drift {i}"]) for i in range(3)]
+    index_sync.sync_index(tiny_model, "image", rebuild=True)
+    assert reconciler.check_index(tiny_model, "image").in_step
+    Embedding.objects.filter(asset=assets[0]).delete()  # a row the index still holds
+    unsynced = add_asset(tiny_model, (5, 5, 250), ["unsynced"])  # and one it never saw
+
+    check = reconciler.check_index(tiny_model, "image")
+
+    assert (check.missing, check.extra, check.repaired, check.error) == (1, 1, True, "")
+    served = LoadedIndices().get(tiny_model, "image").ids().tolist()
+    assert sorted(served) == sorted([a.pk for a in assets[1:]] + [unsynced.pk])
+    assert reconciler.check_index(tiny_model, "image").in_step

@@ -1,11 +1,13 @@
 """One behaviour suite run against every vector index backend, then the
 behaviour particular to each (HNSW tombstones, IVF-PQ training, pgvector
-tables and transactions).
+tables and transactions; milvus has its own file, test_milvus_backend.py).
 
 The pgvector cases need PostgreSQL: under ``bin/test`` they use the test
 database through Django's connection (each test in a transaction that is
 rolled back, tables included); elsewhere set ``VECTOR_INDEX_PG_DSN``, or they
-are skipped.
+are skipped. The milvus cases need a Milvus server: under ``bin/test`` the
+Milvus Lite server of the local services (each test's collections dropped
+afterwards); elsewhere set ``MILVUS_URI``, or they are skipped.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SPECS = {
                                     "refine": "flat", "k_factor": 16}),
     "faiss-ivfpq-untrained": ("faiss-ivfpq", {}),
     "pgvector": ("pgvector", {}),
+    "milvus": ("milvus", {}),
 }
 
 
@@ -76,6 +79,8 @@ def spec(request):
     backend, params = SPECS[request.param]
     if backend == "pgvector" and not _pg_available(request):
         pytest.skip("pgvector needs PostgreSQL: run under bin/test or set VECTOR_INDEX_PG_DSN")
+    if backend == "milvus":
+        request.getfixturevalue("milvus_server")
     return request.param, backend, params
 
 
@@ -91,7 +96,7 @@ def make(spec):
         return index
 
     yield factory
-    if backend == "pgvector" and os.environ.get("VECTOR_INDEX_PG_DSN"):
+    if backend == "milvus" or (backend == "pgvector" and os.environ.get("VECTOR_INDEX_PG_DSN")):
         for index in created:  # outside a rolled-back test transaction: clean up
             index.drop()
 
