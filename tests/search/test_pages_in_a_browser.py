@@ -177,3 +177,20 @@ def test_scrolling_to_the_end_of_the_results_appends_the_next_page(page, demo_wo
     page.wait_for_selector("p.pages", state="attached")
     assert "No more results." in page.text_content("p.pages")
     screenshot(page, "infinite-scroll")
+
+
+def test_a_photo_dropped_anywhere_on_the_page_is_searched(page, demo_world):
+    page.goto("/")
+    data = list(image_bytes((30, 30, 220), size=(64, 64)))
+    with page.expect_navigation():
+        page.evaluate("""(bytes) => {
+            const file = new File([new Uint8Array(bytes)], 'blue.png', { type: 'image/png' });
+            const drop = new DataTransfer();
+            drop.items.add(file);
+            document.body.dispatchEvent(new DragEvent('dragenter', { dataTransfer: drop, bubbles: true }));
+            document.body.dispatchEvent(new DragEvent('drop', { dataTransfer: drop, bubbles: true }));
+        }""", data)
+    page.wait_for_selector("ol.captions li")
+    assert page.locator("ol.captions li").count() == 12 and page.locator(".grid .card").count() == 12
+    assert "blue" in page.locator("ol.captions li").first.text_content()
+    screenshot(page, "photo-dropped")
