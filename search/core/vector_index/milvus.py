@@ -107,7 +107,7 @@ _COLLECTION_NOT_LOADED = 101
 
 _provider: Callable | None = None
 _clients: dict = {}  # (pid, uri, token, db_name) -> MilvusClient
-_templates: dict = {}  # client key -> whether the server parses filter templates
+_versions: dict = {}  # client key -> the server's version string
 _lock = threading.Lock()
 
 
@@ -166,14 +166,21 @@ def _client(alias: str):
         return key, _clients[key]
 
 
+def _server_version(key, client) -> str:
+    found = _versions.get(key)
+    if found is None:
+        found = _versions[key] = str(client.get_server_version() or "")
+    return found
+
+
 def _parses_templates(key, client) -> bool:
     """Whether the server takes ``filter_params`` (Milvus >= 2.5; not Milvus Lite)."""
-    found = _templates.get(key)
-    if found is None:
-        version = str(client.get_server_version() or "")
-        match = re.match(r"^v?(\d+)\.(\d+)", version)
-        found = _templates[key] = bool(match) and (int(match[1]), int(match[2])) >= (2, 5)
-    return found
+    match = re.match(r"^v?(\d+)\.(\d+)", _server_version(key, client))
+    return bool(match) and (int(match[1]), int(match[2])) >= (2, 5)
+
+
+def _is_lite(key, client) -> bool:
+    return _server_version(key, client).startswith("milvus_lite")
 
 
 def _scope_collection(prefix: str, scope: str) -> str:
@@ -296,19 +303,33 @@ class MilvusIndex(VectorIndex):
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
-        index_params = client.prepare_index_params()
-        index_params.add_index(
-            field_name="vector", index_type="HNSW", metric_type="IP",
-            params={"M": int(self.params["m"]), "efConstruction": int(self.params["ef_construction"])},
-        )
         try:
-            client.create_collection(self.collection, schema=schema, index_params=index_params,
-                                     consistency_level=self.params["consistency"])
+            client.create_collection(self.collection, schema=schema, consistency_level=self.params["consistency"])
         except MilvusException:
             if not client.has_collection(self.collection):  # not a writer racing us to create it
                 raise
+        self._create_index(key, client)
         if not self._exists(key, client):
             raise VectorIndexError(f"collection {self.collection!r} was not created")
+
+    def _create_index(self, key, client) -> None:
+        """The HNSW index on the vectors, unless the collection has it (made by a racing writer).
+        Not waited for: the index is declared at once, built as segments fill."""
+        from pymilvus import MilvusException
+
+        if client.list_indexes(self.collection, field_name="vector"):
+            return
+        build = {"M": int(self.params["m"]), "efConstruction": int(self.params["ef_construction"])}
+        index_params = client.prepare_index_params()
+        # pymilvus 3 sends the build parameters as keys of their own, which Milvus reads;
+        # Milvus Lite reads them only from the older form, one JSON value under "params".
+        index_params.add_index(field_name="vector", index_type="HNSW", metric_type="IP",
+                               params={"params": build} if _is_lite(key, client) else build)
+        try:
+            client.create_index(self.collection, index_params, sync=False)
+        except MilvusException:
+            if not client.list_indexes(self.collection, field_name="vector"):
+                raise
 
     def _forget(self, key) -> None:
         with self._ready_lock:
@@ -329,6 +350,11 @@ class MilvusIndex(VectorIndex):
                 raise VectorIndexError(f"milvus {what} on collection {self.collection!r} failed: {exc}") from exc
             return self._call(what, fn)
 
+    def server_version(self) -> str:
+        """The server's version ("v2.6.11"; Milvus Lite: "milvus_lite-3.2.2"), for benchmark records."""
+        key, client = self._client()
+        return str(self._call("get_server_version", client.get_server_version))
+
     def drop(self) -> None:
         """Drop the collection (and its index); the index is empty afterwards."""
         key, client = self._client()
@@ -338,8 +364,10 @@ class MilvusIndex(VectorIndex):
             self._ready = set()
 
     def flush(self, wait_s: float = 3600.0) -> None:
-        """Seal what was written into segments and wait until they are indexed: after a
-        bulk load, so searches walk graphs instead of scanning unindexed rows."""
+        """Seal what was written into segments and wait until the server reports them
+        indexed: after a bulk load, so searches walk graphs instead of scanning unindexed
+        rows. (Milvus reports its index builds; Milvus Lite reports its indexes done while
+        its background thread may still be building them.)"""
         key, client = self._client()
         if not self._exists(key, client):
             return

@@ -90,7 +90,17 @@ def test_filter_templates_are_used_only_where_the_server_parses_them(version, te
             return version
 
     assert milvus._parses_templates(("test", version), Server()) is templates
-    milvus._templates.pop(("test", version))
+    milvus._versions.pop(("test", version))
+
+
+def test_the_collection_is_indexed_by_hnsw_on_inner_product_with_the_graph_parameters(milvus_index):
+    index = milvus_index(m=12, ef_construction=48)
+    index.add([1], unit_vectors(1))
+    key, client = index._client()
+    described = client.describe_index(index.collection, "vector")
+    graph = described.get("params", described)  # Milvus Lite nests them, Milvus does not
+    assert (described["index_type"], described["metric_type"]) == ("HNSW", "IP")
+    assert (int(graph["M"]), int(graph["efConstruction"])) == (12, 48)
 
 
 def test_drop_removes_the_collection_and_a_later_add_makes_it_again(milvus_index):
@@ -204,7 +214,8 @@ def test_a_released_collection_is_loaded_again_by_the_next_search(milvus_index):
 
 @pytest.fixture
 def big_index(milvus_index):
-    """BIG rows, sealed into indexed segments (so searches walk HNSW graphs, not the buffer)."""
+    """BIG rows, sealed into segments (which a Milvus server indexes at once, Milvus Lite in the
+    background: searches meet graphs, unindexed segments and the write buffer)."""
     ids, vectors = sparse_ids(BIG), unit_vectors(BIG, seed=11)
     index = milvus_index()
     index.add(ids, vectors)
