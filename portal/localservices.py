@@ -315,16 +315,41 @@ def wants_milvus_lite() -> bool:
 
 def serve_milvus_lite(data_dir: str, port: int) -> None:
     """Run Milvus Lite's gRPC server on loopback until SIGTERM or SIGINT, then close its
-    collections (its own command line only stops on SIGINT, which a shell ignores for
-    background jobs)."""
-    from milvus_lite.adapter.grpc.server import run_server
+    collections. Its own command line stops only on SIGINT, which a shell ignores for
+    background jobs, and refuses pymilvus's keepalive pings (every 10 s, between calls too)
+    with a GOAWAY that the client logs and reconnects after; this server takes them, as
+    Milvus does."""
+    from concurrent import futures
+
+    import grpc
+    from milvus_lite import MilvusLite
+    from milvus_lite.adapter.grpc.servicer import MilvusServicer
+    from pymilvus.grpc_gen import milvus_pb2_grpc
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    run_server(data_dir=data_dir, host="127.0.0.1", port=port)
+    db = MilvusLite(data_dir)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=10), options=[
+        ("grpc.max_receive_message_length", 256 << 20),  # Milvus Lite's and Milvus Standalone's limit
+        ("grpc.max_send_message_length", 256 << 20),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ])
+    milvus_pb2_grpc.add_MilvusServiceServicer_to_server(MilvusServicer(db), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print(f"Milvus Lite listening on 127.0.0.1:{port} (data in {data_dir})", flush=True)
+    try:
+        server.wait_for_termination()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop(grace=5)
+        db.close()
 
 
 def main(argv: list[str] | None = None) -> int:
