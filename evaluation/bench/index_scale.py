@@ -10,6 +10,7 @@ history (or as JSON under ``STATE_DIR/benchmarks/`` when the database refuses th
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,6 +32,7 @@ DEFAULT_SWEEPS = {
     "faiss-hnsw": "ef_search=16,32,64,128",
     "faiss-ivfpq": "nprobe=8,16,32,64",
     "pgvector": "ef_search=20,40,80,160",
+    "milvus": "ef=16,32,64,128",
 }
 
 
@@ -94,7 +96,7 @@ def plan_index_benchmark(opts: dict) -> IndexBenchmarkPlan:
         import faiss
 
         faiss.omp_set_num_threads(opts["threads"])
-    if backend == "pgvector":
+    if not cls.snapshot_files:  # a table or collection of its own (pgvector, milvus)
         params = cls.params_for_scope(params, f"bench_{n}_{dim}")
     if opts["refine_study"] is not None:
         if backend != "faiss-ivfpq":
@@ -105,7 +107,8 @@ def plan_index_benchmark(opts: dict) -> IndexBenchmarkPlan:
 
 
 def run_index_benchmark(plan: IndexBenchmarkPlan):
-    """Measure; returns the results and the index (a pgvector table is still there)."""
+    """Measure; returns the results and the index (a pgvector table or milvus collection is
+    still there)."""
     from tqdm import tqdm
 
     opts, backend, data, queries = plan.opts, plan.backend, plan.data, plan.queries
@@ -116,9 +119,11 @@ def run_index_benchmark(plan: IndexBenchmarkPlan):
     truth_s = time.perf_counter() - started
 
     index = create_index(backend, dim, **plan.params)
-    if backend == "pgvector":
-        index.drop()  # a fresh table
+    if not index.snapshot_files:
+        index.drop()  # a fresh table or collection
         index = create_index(backend, dim, **plan.params)
+    server = _milvus_server() if backend == "milvus" else None
+    server_before = _process_bytes(server, "VmRSS")
     rss_before = rss_bytes()
     build_started = time.perf_counter()
     train_s = 0.0
@@ -132,6 +137,9 @@ def run_index_benchmark(plan: IndexBenchmarkPlan):
         for start, stop in vector_chunks(n, add_chunk):
             index.add(np.arange(start, stop, dtype=np.int64), data.chunk(start, stop))
             bar.update(stop - start)
+    if backend == "milvus":  # sealed and indexed before searching, as pgvector indexes after its bulk load
+        index.flush()
+        _wait_until_idle(server)  # Milvus Lite builds its segments' graphs in the background
     build_s = time.perf_counter() - build_started
     growth = max(0, rss_bytes() - rss_before)
     memory = {"rss_growth_bytes": growth, "bytes_per_vector": round(growth / n, 1),
@@ -139,6 +147,9 @@ def run_index_benchmark(plan: IndexBenchmarkPlan):
               "peak_rss_growth_bytes": max(0, rss_bytes("VmHWM") - rss_before)}
     if backend == "pgvector":
         memory.update(_pg_sizes(index))
+    if server is not None:  # a local Milvus Lite server: it holds the rows, not this process
+        memory.update({"server_rss_growth_bytes": max(0, _process_bytes(server, "VmRSS") - server_before),
+                       "server_data_bytes": _folder_bytes(server["data_dir"])})
 
     rows = []
     for combo in tqdm(plan.sweep, desc="sweep", disable=None):
@@ -164,6 +175,7 @@ def run_index_benchmark(plan: IndexBenchmarkPlan):
         "ground_truth_seconds": round(truth_s, 2),
         "memory": memory,
         "sweep": rows,
+        **({"engine": index.server_version()} if backend == "milvus" else {}),
         **({"refine_study": study} if study is not None else {}),
         "machine": machine_description(detail="brief"),
         "finished": datetime.now(timezone.utc).isoformat(),
@@ -231,6 +243,63 @@ def _pg_sizes(index) -> dict:
         [f'"{table}"', f'"{table}"'],
     ).fetchone()
     return {"table_bytes": int(heap), "index_bytes": int(idx)}
+
+
+def _milvus_server() -> dict | None:
+    """The local Milvus Lite server the milvus backend talks to (its pid and data folder),
+    found by the port of ``MILVUS_URI``; None for any other server."""
+    port = str(getattr(settings, "MILVUS_URI", "")).rstrip("/").rsplit(":", 1)[-1]
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "milvus-lite" in args and "--port" in args and args[args.index("--port") + 1:][:1] == [port]:
+            data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args else ""
+            return {"pid": int(proc.name), "data_dir": data_dir}
+    return None
+
+
+def _process_bytes(server: dict | None, field: str) -> int:
+    if server is None:
+        return 0
+    try:
+        for line in Path(f"/proc/{server['pid']}/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_seconds(server: dict) -> float:
+    fields = Path(f"/proc/{server['pid']}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _wait_until_idle(server: dict | None, quiet_s: float = 10.0, busy: float = 0.05,
+                     limit_s: float = 7200.0) -> None:
+    """Wait until a local Milvus Lite server has used under ``busy`` of a core for
+    ``quiet_s``: it reports its indexes built while its background thread still compacts
+    segments and builds their graphs, and searches meanwhile would scan unindexed rows."""
+    if server is None:
+        return
+    deadline = time.monotonic() + limit_s
+    last, last_cpu, quiet_since = time.monotonic(), _cpu_seconds(server), None
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now, cpu = time.monotonic(), _cpu_seconds(server)
+        if (cpu - last_cpu) / (now - last) < busy:
+            quiet_since = quiet_since or last
+            if now - quiet_since >= quiet_s:
+                return
+        else:
+            quiet_since = None
+        last, last_cpu = now, cpu
+
+
+def _folder_bytes(folder: str) -> int:
+    return sum(path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()) if folder else 0
 
 
 def save_index_results(result: dict, write, warn) -> None:

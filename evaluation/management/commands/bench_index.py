@@ -4,6 +4,7 @@ on synthetic, clustered unit vectors.
     python manage.py bench_index --backend faiss-hnsw --n 1000000 --sweep ef_search=16,32,64,128
     python manage.py bench_index --backend faiss-ivfpq --n 2000000 --sweep nprobe=8,16,32,64
     python manage.py bench_index --backend pgvector --n 250000 --sweep ef_search=20,40,80,160
+    python manage.py bench_index --backend milvus --n 1000000 --sweep ef=16,32,64,128
 
 The data imitate image embeddings: a mixture of ``--clusters`` Gaussian
 clusters on the unit sphere with uneven sizes, in an anisotropic space (the
@@ -15,7 +16,9 @@ semantics) is the reference for recall@k.
 Latency is per single query (one query per call, as the search API issues
 them), measured after a warm-up, reported as p50 / p95. Build time includes
 training. Memory is the growth of this process's resident set while building
-(for pgvector: the table and index sizes in PostgreSQL). Results are printed
+(for pgvector: the table and index sizes in PostgreSQL; for milvus on the local Milvus
+Lite server: that server's resident set growth and data folder; the build includes
+sealing and indexing the segments). Results are printed
 as a table and stored in the benchmark history (kind ``index-scale``, through
 ``evaluation.bench.records``); if the database refuses them they are written as JSON
 under ``STATE_DIR/benchmarks/`` instead.
@@ -25,6 +28,9 @@ needs them, so ``--n`` is bounded by the index's memory, not the data's.
 """
 
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 from django.core.management.base import BaseCommand
 
@@ -52,8 +58,11 @@ class Command(BaseCommand):
         parser.add_argument("--train-size", type=int, default=None,
                             help="rows to train IVF-PQ on explicitly before adding (default: its train_size)")
         parser.add_argument("--threads", type=int, default=None, help="FAISS threads (default: all cores)")
-        parser.add_argument("--keep-table", action="store_true", help="pgvector: keep the benchmark table")
+        parser.add_argument("--keep-table", action="store_true",
+                            help="pgvector, milvus: keep the benchmark table or collection")
         parser.add_argument("--no-store", action="store_true", help="print only; store nothing")
+        parser.add_argument("--output", help="also write the results JSON here (manage.py record_benchmark "
+                                             "FILE adds it to another portal's history)")
         parser.add_argument("--refine-study", type=int, default=None, metavar="K_FACTOR",
                             help="faiss-ivfpq: build without re-ranking, then re-score the same k × K_FACTOR "
                                  "PQ candidates with each re-ranking code and report recall@k per code")
@@ -68,8 +77,16 @@ class Command(BaseCommand):
         if "refine_study" in result:
             print_refine_study(result["refine_study"], opts["k"], self.stdout.write)
         print_index_table(result, plan.sweep_name, self.stdout.write)
-        if plan.backend == "pgvector" and not opts["keep_table"]:
+        if "server_rss_growth_bytes" in result["memory"]:
+            memory = result["memory"]
+            self.stdout.write(
+                f"{result['engine']} server: RSS growth {memory['server_rss_growth_bytes'] / 2**30:.2f} GiB, "
+                f"data folder {memory['server_data_bytes'] / 2**30:.2f} GiB"
+            )
+        if not index.snapshot_files and not opts["keep_table"]:
             index.drop()
+        if opts["output"]:
+            Path(opts["output"]).write_text(json.dumps(result, indent=2))
         if not opts["no_store"]:
             save_index_results(result, self.stdout.write, self.stderr.write)
         return None
