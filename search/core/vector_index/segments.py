@@ -1,0 +1,432 @@
+"""A segmented index version: a large base segment, small delta segments of recent
+additions and the tombstones of removals, searched as one index.
+
+Why: rewriting and reloading a whole index file after every upload costs time in
+proportion to the collection, not to the upload. A version is instead a manifest
+(``segment_files.Manifest``) naming immutable segment files: a sync after an upload
+writes one small delta and a new manifest; a web process loads only the segments it does
+not hold yet; a background merge folds the deltas into a new base now and then.
+
+Rules that make base + deltas answer exactly as one index with the same rows would:
+
+* segments are ordered, oldest first; a **delta's tombstones remove keys from the older
+  segments** only, and its rows replace the same keys in the older segments: the newest
+  segment that has a key holds its row (``SegmentKeys.resolve``);
+* a search asks each segment for its best rows, drops those a newer segment hides
+  (asking again for more when too many were hidden), and keeps the best ``k`` of all
+  (``SegmentedIndex.search``). For an exact base (``faiss-flat``) the result is the exact
+  top-k of the live rows; deltas are exact float32 scans whatever the base backend;
+* each segment's ``live`` count (rows no newer segment hides) is kept in the manifest, so
+  the version's count needs no scan, and merging knows what it drops.
+
+Merging (``plan_merge``, ``fold_deltas``, ``fold_into``, ``replace_runs``): a run of
+consecutive segments is folded into one; the manifest that gets it is the newest one, in
+which the run must still stand where it stood (deltas written meanwhile follow it and
+keep hiding what they hid). So a merge runs beside the syncs and takes only the moment of
+its commit from them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from search.core.vector_index.base import (
+    Subset,
+    VectorIndex,
+    VectorIndexError,
+    as_ids,
+    as_k,
+    as_subset,
+    as_vectors,
+    empty_results,
+    in_sorted,
+)
+from search.core.vector_index.registry import create_index, get_backend
+from search.core.vector_index.segment_files import (
+    DeltaFile,
+    Manifest,
+    SegmentRef,
+    open_base,
+    read_delta,
+    read_keys,
+)
+
+__all__ = [
+    "HeldSegment",
+    "MergeConflict",
+    "MergePlan",
+    "MergePolicy",
+    "SegmentKeys",
+    "SegmentedIndex",
+    "append_delta",
+    "fold_deltas",
+    "fold_into",
+    "load_segment",
+    "plan_merge",
+    "replace_runs",
+]
+
+_EMPTY = np.empty(0, dtype=np.int64)
+
+
+class MergeConflict(VectorIndexError):
+    """The segments a merge folded are no longer where it found them (a rebuild, another merge)."""
+
+
+# --------------------------------------------------------------------------
+# Serving: segments held in memory and searched together
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeldSegment:
+    """One segment loaded for searching: the base's own index, or for a delta an exact
+    ``faiss-flat`` index of its rows with its sorted keys and tombstones."""
+
+    ref: SegmentRef
+    index: VectorIndex
+    keys: np.ndarray = field(default_factory=lambda: _EMPTY)
+    tombstones: np.ndarray = field(default_factory=lambda: _EMPTY)
+
+    @property
+    def name(self) -> tuple[str, str]:
+        """What identifies the segment across versions: its file and checksum."""
+        return self.ref.file, self.ref.sha256
+
+
+def load_segment(directory: str | os.PathLike, ref: SegmentRef, *, mapped: bool = False) -> HeldSegment:
+    """Load one segment of a manifest in ``directory``, its checksum verified (``mapped``:
+    a base's storage mapped from its file where the backend allows it)."""
+    path = Path(directory) / ref.file
+    if ref.kind == "base":
+        return HeldSegment(ref, open_base(path, ref.sha256, mapped=mapped))
+    delta = read_delta(path, ref.sha256)
+    index = create_index("faiss-flat", delta.dim)
+    if delta.rows:
+        index.add(delta.keys, delta.vectors)
+    return HeldSegment(ref, index, np.sort(delta.keys), delta.tombstones)
+
+
+class SegmentedIndex(VectorIndex):
+    """The rows of one version: its base and deltas, with what newer segments hide dropped.
+
+    Read-only (a version never changes; a writer appends a delta and a new manifest). The
+    backend, parameters and exactness are the base's; ``count`` is the manifest's.
+    """
+
+    def __init__(self, manifest: Manifest, segments: list[HeldSegment]):
+        super().__init__(manifest.dim, **manifest.params)
+        if [s.name for s in segments] != [(r.file, r.sha256) for r in manifest.segments]:
+            raise VectorIndexError("the segments given are not those the manifest names")
+        self.manifest = manifest
+        self.segments = [HeldSegment(ref, s.index, s.keys, s.tombstones) for ref, s in zip(manifest.segments, segments)]
+        base = self.segments[0].index
+        self.backend = manifest.backend
+        self.exact = base.exact
+        self.snapshot_files = base.snapshot_files
+        self.sql_subsets = getattr(base, "sql_subsets", False)
+        self.search_param_names = frozenset()
+        # hidden[i]: the keys newer segments hold or remove, sorted.
+        hidden, newer = [], _EMPTY
+        for segment in reversed(self.segments):
+            hidden.append(newer)
+            if len(segment.keys) or len(segment.tombstones):
+                newer = np.union1d(newer, np.union1d(segment.keys, segment.tombstones))
+        self._hidden = hidden[::-1]
+
+    @property
+    def base_index(self) -> VectorIndex:
+        return self.segments[0].index
+
+    def add(self, ids, vectors) -> None:
+        raise VectorIndexError("a segmented version is read-only: a writer appends a delta")
+
+    def remove(self, ids) -> int:
+        raise VectorIndexError("a segmented version is read-only: a writer appends a delta")
+
+    def count(self) -> int:
+        return int(self.manifest.count)
+
+    def ids(self) -> np.ndarray:
+        parts = []
+        for segment, hidden in zip(self.segments, self._hidden):
+            keys = segment.keys if segment.ref.kind == "delta" else segment.index.ids()
+            parts.append(keys[~in_sorted(hidden, keys)] if len(hidden) else keys)
+        return np.sort(np.concatenate(parts)) if parts else _EMPTY.copy()
+
+    def search(self, queries, k: int, subset: Subset | None = None) -> tuple[np.ndarray, np.ndarray]:
+        queries = as_vectors(queries, self.dim, allow_single=True)
+        k = as_k(k)
+        subset = as_subset(subset)
+        found = [_search_live(segment, hidden, queries, k, subset)
+                 for segment, hidden in zip(self.segments, self._hidden) if segment.ref.live > 0]
+        out_ids, out_scores = empty_results(len(queries), k)
+        if not found or not len(queries):
+            return out_ids, out_scores
+        ids = np.concatenate([f[0] for f in found], axis=1)
+        scores = np.concatenate([f[1] for f in found], axis=1)
+        if len(found) > 1:
+            order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+            ids, scores = np.take_along_axis(ids, order, axis=1), np.take_along_axis(scores, order, axis=1)
+        width = min(k, ids.shape[1])
+        out_ids[:, :width], out_scores[:, :width] = ids[:, :width], scores[:, :width]
+        return out_ids, out_scores
+
+    def _serialize_payload(self):
+        raise VectorIndexError("a segmented version is saved as its manifest and segment files")
+
+    @classmethod
+    def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
+        raise VectorIndexError("a segmented version is opened from its manifest")
+
+
+def _search_live(segment: HeldSegment, hidden: np.ndarray, queries: np.ndarray, k: int, subset):
+    """(ids, scores), (Q, ≤ k) each, best first: the segment's best rows that no newer
+    segment hides; -1 / -inf where it has no more."""
+    ref, index = segment.ref, segment.index
+    want = min(k, ref.live)
+    if not len(hidden):
+        return index.search(queries, want, subset)
+    # Ask for a few more than wanted, in proportion to the share of hidden rows, and
+    # again for more when a query still has fewer than ``want`` live ones.
+    share = (ref.rows - ref.live) / max(ref.rows, 1)
+    fetch = min(ref.rows, want + math.ceil(4 * want * share))
+    while True:
+        ids, scores = index.search(queries, fetch, subset)
+        exhausted = ids[:, -1] < 0
+        dead = (ids >= 0) & in_sorted(hidden, ids.ravel()).reshape(ids.shape)
+        live = (ids >= 0) & ~dead
+        if fetch >= ref.rows or bool(np.all((live.sum(axis=1) >= want) | exhausted)):
+            break
+        fetch = min(ref.rows, 2 * fetch + want)
+    scores = np.where(live, scores, -np.inf).astype(np.float32)
+    order = np.argsort(~live, axis=1, kind="stable")[:, :want]  # live rows first, in their order
+    return (np.where(np.take_along_axis(live, order, axis=1), np.take_along_axis(ids, order, axis=1), -1),
+            np.take_along_axis(scores, order, axis=1))
+
+
+# --------------------------------------------------------------------------
+# Writing: which keys a version holds, and a new delta on top of it
+# --------------------------------------------------------------------------
+
+
+class SegmentKeys:
+    """The keys each segment of a version holds (and a delta's tombstones), read without
+    any vector: what a writer needs to tell which rows an addition replaces, which
+    removals remove something, and how the live counts change.
+
+    The base's keys come from its ``.keys`` file (mapped: a lookup touches a few pages),
+    or for a table-backed base from ``present(keys) -> bool mask``.
+    """
+
+    def __init__(self, layers: list[tuple[np.ndarray, np.ndarray]],
+                 present: Callable[[np.ndarray], np.ndarray] | None = None):
+        self.layers = layers
+        self.present = present
+
+    @classmethod
+    def read(cls, manifest: Manifest, directory: str | os.PathLike,
+             present: Callable[[np.ndarray], np.ndarray] | None = None) -> "SegmentKeys":
+        directory = Path(directory)
+        base = manifest.base
+        if base.table:
+            if present is None:
+                raise VectorIndexError("a table-backed base needs a way to tell which keys it holds")
+            layers = [(_EMPTY, _EMPTY)]
+        else:
+            layers = [(read_keys(directory / base.keys_file, base.keys_sha256), _EMPTY)]
+            present = None
+        for ref in manifest.deltas:
+            delta = read_delta(directory / ref.file, ref.sha256, vectors=False)
+            layers.append((np.sort(delta.keys), delta.tombstones))
+        return cls(layers, present)
+
+    def resolve(self, keys) -> np.ndarray:
+        """For each key, the segment holding its live row (-1: none does)."""
+        keys = as_ids(keys)
+        where = np.full(len(keys), -1, dtype=np.int64)
+        open_ = np.ones(len(keys), dtype=bool)
+        for i in range(len(self.layers) - 1, -1, -1):
+            stored, removed = self.layers[i]
+            if i == 0 and self.present is not None:
+                hit = open_ & self.present(keys)
+            else:
+                hit = open_ & in_sorted(stored, keys)
+            where[hit] = i
+            open_ &= ~hit
+            if len(removed):
+                open_ &= ~in_sorted(removed, keys)
+            if not open_.any():
+                break
+        return where
+
+    def live_keys(self) -> np.ndarray:
+        """Every live key, sorted (a scan of all keys: for checks, not for syncs)."""
+        if self.present is not None:
+            raise VectorIndexError("a table-backed base lists its keys itself")
+        parts, newer = [], _EMPTY
+        for stored, removed in reversed(self.layers):
+            parts.append(stored[~in_sorted(newer, stored)] if len(newer) else stored)
+            newer = np.union1d(newer, np.union1d(stored, removed))
+        return np.sort(np.concatenate(parts)) if parts else _EMPTY.copy()
+
+
+def append_delta(manifest: Manifest, keys_now: SegmentKeys, keys, vectors, removed,
+                 write: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[str, str, int]],
+                 source: dict) -> Manifest | None:
+    """The manifest after one more delta: rows ``keys``/``vectors`` (added or replacing
+    rows of older segments) and the keys ``removed`` (only those still live become
+    tombstones). ``write(keys, vectors, tombstones)`` writes the delta file and returns
+    (file name, sha256, bytes). None when nothing in the index would change (and nothing
+    is written)."""
+    keys = as_ids(keys)
+    vectors = as_vectors(vectors, manifest.dim) if len(keys) else np.empty((0, manifest.dim), np.float32)
+    if len(np.unique(keys)) != len(keys):
+        raise VectorIndexError("a delta's keys must be unique")
+    removed = np.setdiff1d(as_ids(removed), keys)
+    held_removed = keys_now.resolve(removed)
+    tombstones = removed[held_removed >= 0]
+    if not len(keys) and not len(tombstones):
+        return None
+    hidden = np.concatenate([keys_now.resolve(keys), held_removed])
+    lost = np.bincount(hidden[hidden >= 0], minlength=len(manifest.segments))
+    segments = [_with_live(ref, ref.live - int(n)) for ref, n in zip(manifest.segments, lost)]
+    name, sha256, size = write(keys, vectors, tombstones)
+    segments.append(SegmentRef("delta", name, sha256, size, rows=len(keys), live=len(keys),
+                               tombstones=len(tombstones)))
+    return manifest.with_changes(segments=tuple(segments), count=sum(s.live for s in segments), source=source)
+
+
+def _with_live(ref: SegmentRef, live: int) -> SegmentRef:
+    if live < 0:
+        raise VectorIndexError(f"segment {ref.file} would have {live} live rows")
+    return replace(ref, live=live)
+
+
+# --------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MergePolicy:
+    """When a merge is due (the thresholds are settings of the portal).
+
+    ``delta_fraction``: fold the deltas into a new base once they hold this share of the
+    base's rows; ``tombstone_fraction``: once this share of the base's rows is hidden
+    (removed or replaced); neither below ``min_rows`` rows. ``max_deltas``: fold small
+    deltas together past this many. ``rebuild_growth``: a backend that learns from its
+    rows (IVF-PQ's centroids and codebooks) is rebuilt from scratch, not merged into,
+    once the version holds this many times the rows its base was built with.
+    """
+
+    delta_fraction: float = 0.01
+    tombstone_fraction: float = 0.02
+    min_rows: int = 1000
+    max_deltas: int = 8
+    rebuild_growth: float = 4.0
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """``kind``: "rebuild" (a new base from the source of rows), "base" (everything folded
+    into a new base) or "deltas" (each of ``runs``, consecutive deltas, folded into one)."""
+
+    kind: str
+    runs: tuple[tuple[int, int], ...]  # [start, stop) of the manifest's segments
+    reason: str
+
+
+def plan_merge(manifest: Manifest, policy: MergePolicy) -> MergePlan | None:
+    """What merge the version is due for, if any."""
+    base = manifest.base
+    if base.table:
+        return None  # table-backed: rows are written in place, there are no deltas
+    everything = ((0, len(manifest.segments)),)
+    learns = get_backend(manifest.backend).train is not VectorIndex.train
+    if learns and base.built_rows and manifest.count >= max(policy.min_rows, policy.rebuild_growth * base.built_rows):
+        return MergePlan("rebuild", everything,
+                         f"{manifest.count} rows, {policy.rebuild_growth:g}× the {base.built_rows} it was built with")
+    delta_rows = sum(ref.rows for ref in manifest.deltas)
+    if manifest.deltas and delta_rows >= max(policy.min_rows, policy.delta_fraction * base.rows):
+        return MergePlan("base", everything, f"{delta_rows} rows in deltas over {base.rows} in the base")
+    hidden = base.rows - base.live
+    if hidden and hidden >= max(policy.min_rows, policy.tombstone_fraction * base.rows):
+        return MergePlan("base", everything, f"{hidden} of the base's {base.rows} rows removed or replaced")
+    if len(manifest.deltas) > policy.max_deltas:
+        runs = _delta_runs([ref.rows for ref in manifest.deltas], max(1, policy.max_deltas // 2))
+        return MergePlan("deltas", tuple((a + 1, b + 1) for a, b in runs),
+                         f"{len(manifest.deltas)} deltas, more than {policy.max_deltas}")
+    return None
+
+
+def _delta_runs(rows: list[int], target: int) -> list[tuple[int, int]]:
+    """Runs of consecutive deltas to fold so that ``target`` remain: the adjacent pair with
+    the fewest rows is joined first, so each row is rewritten about log(n) times."""
+    groups = [[i, i + 1, r] for i, r in enumerate(rows)]
+    while len(groups) > target:
+        j = min(range(len(groups) - 1), key=lambda g: groups[g][2] + groups[g + 1][2])
+        groups[j : j + 2] = [[groups[j][0], groups[j + 1][1], groups[j][2] + groups[j + 1][2]]]
+    return [(a, b) for a, b, _ in groups if b - a > 1]
+
+
+def fold_deltas(deltas: list[DeltaFile]) -> DeltaFile:
+    """One delta equal to ``deltas`` applied in order (oldest first): the newest row of each
+    key, rows a later delta removed dropped, and every tombstone (they still remove keys
+    from the segments older than the run)."""
+    if not deltas:
+        raise VectorIndexError("nothing to fold")
+    dim = deltas[0].dim
+    keys = np.concatenate([d.keys for d in deltas]) if deltas else _EMPTY
+    vectors = np.concatenate([d.vectors for d in deltas]) if deltas else np.empty((0, dim), np.float32)
+    # Which delta each row is from, and the last delta that removes each row's key.
+    origin = np.repeat(np.arange(len(deltas)), [d.rows for d in deltas])
+    killed_after = np.full(len(keys), -1)
+    for j, d in enumerate(deltas):
+        if len(d.tombstones):
+            killed_after[in_sorted(d.tombstones, keys)] = j
+    alive = killed_after <= origin  # only a tombstone of a later delta removes the row
+    newest = np.zeros(len(keys), dtype=bool)
+    _, last = np.unique(keys[::-1], return_index=True)
+    newest[len(keys) - 1 - last] = True
+    keep = alive & newest
+    tombstones = np.unique(np.concatenate([d.tombstones for d in deltas]))
+    return DeltaFile(dim, keys[keep], tombstones, np.ascontiguousarray(vectors[keep]))
+
+
+def fold_into(index: VectorIndex, deltas: list[DeltaFile]) -> None:
+    """Apply ``deltas`` (oldest first) to ``index`` (a writable base) in place."""
+    folded = fold_deltas(deltas)
+    gone = np.union1d(folded.tombstones, folded.keys)
+    if len(gone):
+        index.remove(gone)
+    if folded.rows:
+        index.add(folded.keys, folded.vectors)
+
+
+def replace_runs(snapshot: Manifest, current: Manifest, folded: dict[tuple[int, int], SegmentRef],
+                 base_live: int | None = None) -> Manifest:
+    """``current`` (the newest version) with each run of ``snapshot``'s segments replaced by
+    the segment it was folded into. The run's live rows are the folded segment's, unless
+    ``base_live`` says how many of a new base's rows are live (a rebuild from the source of
+    rows, not a fold of the run).
+
+    ``current`` must still begin with ``snapshot``'s segments (deltas written since follow
+    them); else MergeConflict."""
+    old = [(r.file, r.sha256) for r in snapshot.segments]
+    if [(r.file, r.sha256) for r in current.segments[: len(old)]] != old:
+        raise MergeConflict("the index was rewritten while the merge ran")
+    segments, position = [], 0
+    for (start, stop), ref in sorted(folded.items()):
+        segments.extend(current.segments[position:start])
+        live = base_live if start == 0 and base_live is not None else sum(r.live for r in current.segments[start:stop])
+        segments.append(_with_live(ref, live))
+        position = stop
+    segments.extend(current.segments[position:])
+    return current.with_changes(segments=tuple(segments), count=sum(s.live for s in segments))
