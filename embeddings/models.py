@@ -103,6 +103,13 @@ class Embedding(models.Model):
                 name="one_embedding_per_caption",
             ),
         ]
+        # An index sync reads the vectors stored since its watermark, per model and
+        # modality: a range of these, however many rows of other models or the other
+        # modality came in between (search.index_changes).
+        indexes = [
+            models.Index(fields=["model", "id"], condition=Q(asset__isnull=False), name="embedding_image_by_id"),
+            models.Index(fields=["model", "id"], condition=Q(caption__isnull=False), name="embedding_caption_by_id"),
+        ]
 
     @staticmethod
     def pack(vector) -> bytes:

@@ -143,3 +143,30 @@ class IndexBuild(models.Model):
 
     def __str__(self):
         return f"{self.model} {self.modality} v{self.version}"
+
+
+class VectorChange(models.Model):
+    """The key of a stored vector that went away or was rewritten in place, for the next
+    index sync (``search.index_changes``).
+
+    Written by PostgreSQL triggers on ``embeddings_embedding`` (migration ``0003``), so no
+    code path that deletes or updates vectors, cascades included, can forget it. New vectors
+    need no entry: a sync reads them by id, past its watermark. Entries every kept index
+    version has read are pruned after each sync.
+    """
+
+    model_id = models.BigIntegerField()  # no foreign key: the entry outlives nothing it names
+    asset_id = models.BigIntegerField(null=True)
+    caption_id = models.BigIntegerField(null=True)
+    created = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["model_id", "id"], condition=models.Q(asset_id__isnull=False),
+                         name="vector_change_image"),
+            models.Index(fields=["model_id", "id"], condition=models.Q(caption_id__isnull=False),
+                         name="vector_change_caption"),
+        ]
+
+    def __str__(self):
+        return f"vector change {self.pk} (model {self.model_id})"
