@@ -230,6 +230,23 @@ VECTOR_INDEX_PARAMS = json.loads(os.environ.get("VECTOR_INDEX_PARAMS") or "{}")
 MILVUS_URI = local_service_url("MILVUS_URI")
 MILVUS_TOKEN = os.environ.get("MILVUS_TOKEN", "")
 INDEX_VERSIONS_KEPT = int(os.environ.get("INDEX_VERSIONS_KEPT", "3"))
+# Index versions are a base segment and small deltas (search/index_sync.py). A merge folds the
+# deltas into a new base once they hold INDEX_MERGE_DELTA_FRACTION of the base's rows, or once
+# INDEX_MERGE_TOMBSTONE_FRACTION of the base's rows are removed or replaced (neither below
+# INDEX_MERGE_MIN_ROWS rows); folds small deltas together past INDEX_MERGE_MAX_DELTAS; and
+# rebuilds an IVF-PQ base once the index holds INDEX_REBUILD_GROWTH times the rows it was built
+# with. Merges run as merge_index_task on INDEX_MERGE_QUEUE (empty: the default queue).
+INDEX_MERGE_DELTA_FRACTION = float(os.environ.get("INDEX_MERGE_DELTA_FRACTION", "0.01"))
+INDEX_MERGE_TOMBSTONE_FRACTION = float(os.environ.get("INDEX_MERGE_TOMBSTONE_FRACTION", "0.02"))
+INDEX_MERGE_MIN_ROWS = int(os.environ.get("INDEX_MERGE_MIN_ROWS", "1000"))
+INDEX_MERGE_MAX_DELTAS = int(os.environ.get("INDEX_MERGE_MAX_DELTAS", "8"))
+INDEX_REBUILD_GROWTH = float(os.environ.get("INDEX_REBUILD_GROWTH", "4"))
+INDEX_MERGE_QUEUE = os.environ.get("INDEX_MERGE_QUEUE", "")
+# Seconds a sync waits for transactions still writing vectors before it reads past them.
+INDEX_SYNC_WRITER_WAIT = float(os.environ.get("INDEX_SYNC_WRITER_WAIT", "2"))
+# A web process opens a newer index version needing more bytes than this that it does not hold
+# (a new base after a merge) in the background, serving the older one meanwhile.
+SEARCH_INDEX_INLINE_LOAD_BYTES = int(os.environ.get("SEARCH_INDEX_INLINE_LOAD_BYTES", str(64 << 20)))
 SEARCH_MAX_K = 100
 # A text↔image hit "matches" when the checkpoint's sigmoid head gives it at least this
 # probability; below it for every hit, a search says "no good match" (docs/evaluation.md).

@@ -115,9 +115,10 @@ def models_with_indices():
 
 
 def check_index(model: EmbeddingModel, modality: str, *, repair: bool = True) -> IndexCheck:
+    """The ids of the newest good version against Postgres (read from its keys files, no
+    vectors loaded); drift is repaired by a sync that compares every id."""
     wanted = index_sync.stored_ids(model, modality)
-    index, build = index_sync.load_latest_valid(model, modality)
-    present = index.ids() if index is not None else np.zeros(0, dtype=np.int64)
+    present, build = index_sync.indexed_ids(model, modality)
     check = IndexCheck(
         model=model.name,
         modality=modality,
@@ -131,7 +132,7 @@ def check_index(model: EmbeddingModel, modality: str, *, repair: bool = True) ->
         return check
     log.warning("index %s/%s is out of step (%s missing, %s extra): syncing",
                 model.name, modality, check.missing, check.extra)
-    result = index_sync.sync_index(model, modality)
+    result = index_sync.sync_index(model, modality, full=True)
     check.repaired = True
     check.version = result.build.version if result.build else None
     if result.build is None or result.build.vector_count != len(index_sync.stored_ids(model, modality)):
@@ -185,8 +186,8 @@ def check_files(report: ReconcileReport, *, dry_run: bool = False) -> None:
         if any([_take_out_of_search(asset_id, media) for asset_id in report.missing_files]):
             report.to_sync = list(EmbeddingModel.objects.values_list("pk", flat=True))
     index_root = Path(settings.INDEX_DIR)
-    referenced = {Path(p).resolve() for p in IndexBuild.objects.values_list("file_path", flat=True)}
-    if index_root.is_dir():
+    referenced, complete = index_sync.referenced_files(IndexBuild.objects.all())
+    if index_root.is_dir() and complete:
         for path in index_root.glob("model-*/*/*"):
             if path.is_file() and path.resolve() not in referenced and _old_enough(path, now):
                 report.orphan_index_files.append(str(path))

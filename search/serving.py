@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection
 from django.db.models import OuterRef, Subquery
 
 from embeddings.models import EmbeddingModel
@@ -70,7 +71,9 @@ from embeddings.services import NoActiveModel
 from search.core.lru import LRU
 from search.core.vector_index import VectorIndex
 from search.core.vector_index.base import Subset
-from search.index_sync import MODALITIES, latest_build, load_latest_valid
+from search.core.vector_index.segment_files import read_manifest
+from search.core.vector_index.segments import SegmentedIndex
+from search.index_sync import MODALITIES, is_manifest, latest_build, mark_version_failed, open_version, ready_builds
 from search.models import IndexBuild
 
 _UNKNOWN = object()
@@ -94,6 +97,12 @@ def with_latest_versions(models):
 
 
 RESULT_CACHE_MAX_K = 400  # longest neighbour list the result cache keeps
+
+INLINE_LOAD_BYTES = 64 << 20  # a newer version needing more than this is opened in the background
+
+
+def _inline_load_bytes() -> int:
+    return int(getattr(settings, "SEARCH_INDEX_INLINE_LOAD_BYTES", INLINE_LOAD_BYTES))
 
 
 def _result_cache_size() -> int:
@@ -160,11 +169,27 @@ class ServedIndex:
 
 
 class LoadedIndices:
-    """Per-process cache of the newest index version of each model and modality."""
+    """Per-process cache of the newest index version of each model and modality.
+
+    A version is a manifest of segments (``search.index_sync``); this process keeps the
+    segments of the version it serves, by file and checksum, and opens a newer version with
+    them: after an upload only the new delta segment is read, and the base is never read
+    twice. Bases are mapped from their files (``open_base(mapped=True)``): their pages are
+    the page cache's, shared by the web processes of the host.
+
+    A newer version that needs more than ``SEARCH_INDEX_INLINE_LOAD_BYTES`` of segments not
+    held (a new base after a merge) is opened by a background thread; searches go on with
+    the version served until it is complete, then it is swapped in and the segments no
+    longer named are let go. The first version of a process is opened by the search that
+    asks for it.
+    """
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one opening of a version at a time (the background one aside)
+        self._swap = threading.Lock()  # what is served and held changes together
         self._loaded: dict[tuple[int, str], ServedIndex] = {}
+        self._held: dict[tuple[int, str], dict] = {}  # (file, sha256) -> HeldSegment, per index
+        self._loading: dict[tuple[int, str], threading.Thread] = {}
         # Called with a model whose newest version would not load, so that a worker writes a
         # fresh one; the app wires it to ``search.tasks.schedule_index_sync`` as it starts.
         self.on_unusable = lambda model: None
@@ -185,22 +210,76 @@ class LoadedIndices:
         current = self._loaded.get(key)
         if version is None:
             return None
-        if current is not None and current.version == version:
+        if current is not None and (current.version == version or self._busy(key)):
             return current
         with self._lock:
             current = self._loaded.get(key)
-            if current is not None and current.version == version:
+            if current is not None and (current.version == version or self._busy(key)):
                 return current
-            index, loaded_build = load_latest_valid(model, modality)
-            if loaded_build is None or loaded_build.version != version:
+            if current is not None and self._to_load(model, modality, key) > _inline_load_bytes():
+                thread = threading.Thread(target=self._load_in_background, args=(model, modality, key),
+                                          name=f"index-load-{model.pk}-{modality}", daemon=True)
+                self._loading[key] = thread
+                thread.start()
+                return current
+            return self._open_newest(model, modality, key)
+
+    def loading(self, model: EmbeddingModel, modality: str) -> bool:
+        """Whether a newer version of the index is being opened in the background."""
+        return self._busy((model.pk, modality))
+
+    def held_segments(self, model: EmbeddingModel, modality: str) -> list[str]:
+        """The segment files this process holds for the index (for checks)."""
+        return sorted(name for name, _ in self._held.get((model.pk, modality), {}))
+
+    def _busy(self, key) -> bool:
+        thread = self._loading.get(key)
+        return thread is not None and thread.is_alive()
+
+    def _to_load(self, model, modality, key) -> int:
+        """Bytes of the newest version's segments this process does not hold."""
+        build = latest_build(model, modality)
+        if build is None or not is_manifest(build):
+            return 0
+        try:
+            manifest = read_manifest(build.file_path, build.checksum)
+        except Exception:
+            return 0  # opened (and refused) inline, with the fallback below
+        held = self._held.get(key, {})
+        return sum(ref.bytes for ref in manifest.segments if (ref.file, ref.sha256) not in held)
+
+    def _load_in_background(self, model, modality, key) -> None:
+        try:
+            self._open_newest(model, modality, key)
+        except Exception:
+            log.exception("opening the newest %s index of %s failed", modality, model)
+        finally:
+            connection.close()  # this thread's own connection
+
+    def _open_newest(self, model, modality, key) -> ServedIndex | None:
+        """Open the newest version that loads (marking torn ones failed), reusing the
+        segments held, and serve it; the segments it does not name are let go."""
+        newest = latest_build(model, modality)
+        for build in ready_builds(model, modality):
+            held = dict(self._held.get(key, {}))
+            try:
+                index = open_version(build, held, mapped=True)
+            except Exception as exc:  # a missing or torn file: fall back to the previous version
+                mark_version_failed(build, exc)
+                continue
+            if newest is None or build.version != newest.version:
                 # The newest version was torn or missing: serve the last good one and have a
                 # worker write a fresh version from Postgres.
                 self.on_unusable(model)
-            if index is None:
-                return None
-            self._loaded[key] = ServedIndex(model.pk, str(modality), loaded_build.version, index,
-                                            loaded_build.checksum or "")
-            return self._loaded[key]
+            names = {(ref.file, ref.sha256) for ref in index.manifest.segments} if isinstance(
+                index, SegmentedIndex) else set()
+            served = ServedIndex(model.pk, str(modality), build.version, index, build.checksum or "")
+            with self._swap:
+                self._held[key] = {name: segment for name, segment in held.items() if name in names}
+                self._loaded[key] = served
+            return served
+        self.on_unusable(model)
+        return self._loaded.get(key)
 
 
 loaded_indices = LoadedIndices()

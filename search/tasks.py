@@ -30,7 +30,7 @@ from django.db import InterfaceError, OperationalError, transaction
 from embeddings import services
 from embeddings.core.siglip import ModelNotAvailable
 from embeddings.models import EmbeddingModel
-from search import asset_vectors, index_sync, reconciler
+from search import asset_vectors, index_merge, index_sync, reconciler
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,19 @@ def sync_indices_task(model_id: int) -> dict:
     if model is None:
         return {}  # the model was deleted after this was queued
     results = index_sync.sync_indices(model)
-    return {r.modality: {"added": r.added, "removed": r.removed} for r in results}
+    queue_merges(model_id, results)
+    return {r.modality: {"added": r.added, "removed": r.removed, "merge_due": r.merge_due} for r in results}
+
+
+@shared_task(autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
+def merge_index_task(model_id: int, modality: str) -> dict:
+    """Fold an index's segments (search.index_merge); queue the next merge if one is due."""
+    clear_merge_pending(model_id, modality)
+    model = EmbeddingModel.objects.filter(pk=model_id).first()
+    result = index_merge.merge_index(model, modality) if model is not None else None
+    if result is not None:
+        queue_merges(model_id, [result])
+    return result.as_dict() if result is not None else {}
 
 
 @shared_task(bind=True, autoretry_for=TRANSIENT, retry_backoff=True, retry_backoff_max=120, max_retries=8)
@@ -188,6 +200,34 @@ def schedule_index_syncs() -> None:
 
 def clear_sync_pending(model_id: int) -> None:
     cache.delete(_pending_key(model_id))
+
+
+def _merge_pending_key(model_id: int, modality: str) -> str:
+    return f"index-merge-pending:{model_id}:{modality}"
+
+
+def queue_merges(model_id: int, results) -> None:
+    """Queue a merge of each index a sync or merge result says is due for one (at most one
+    queued per index; a merge that finds nothing due does nothing). A queue that is down
+    only delays it: the next sync asks again."""
+    for result in results:
+        if not result.merge_due:
+            continue
+        key = _merge_pending_key(model_id, result.modality)
+        try:
+            if cache.add(key, 1, timeout=3600):
+                merge_index_task.apply_async((model_id, str(result.modality)),
+                                             queue=settings.INDEX_MERGE_QUEUE or None)
+        except Exception as exc:
+            log.warning("could not queue a merge of the %s index of model %s: %s", result.modality, model_id, exc)
+            clear_merge_pending(model_id, result.modality)
+
+
+def clear_merge_pending(model_id: int, modality: str) -> None:
+    try:
+        cache.delete(_merge_pending_key(model_id, modality))
+    except Exception:
+        pass
 
 
 def queue_embedding(*asset_ids: int) -> None:

@@ -271,7 +271,8 @@ def test_warm_up_loads_the_towers_indices_and_scan_copies_a_first_search_needs(g
     encoder = siglip.get_encoder(tiny_model.source, device=settings.SIGLIP_DEVICE, backend=settings.SIGLIP_INFERENCE)
     assert encoder.is_loaded  # by the warm-up: nothing else loaded it since the cache was cleared
     served = fresh.served(serving.serving_model(), "image")
-    assert served is not None and served.index._half is not None  # the float16 scan copy is made
+    # The float16 scan copy of the version's base segment is made.
+    assert served is not None and served.index.base_index._half is not None
     assert filters.facets.rows == len(gallery)  # the filters' table is read
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from embeddings.models import Embedding
 from embeddings.services import encoder_for
+from search import index_sync
 from search.models import ImageAsset, IndexBuild
 from tests.helpers import image_bytes, wait_for
 
@@ -37,9 +38,7 @@ def indexed_ids(model, modality):
     build = IndexBuild.objects.filter(model=model, modality=modality, status="ready").order_by("-version").first()
     if build is None:
         return set()
-    from search.core.vector_index import load_index
-
-    return set(load_index(build.file_path, checksum=build.checksum).ids().tolist())
+    return set(index_sync.open_version(build).ids().tolist())
 
 
 def test_uploaded_images_are_embedded_by_the_worker_and_searchable(
