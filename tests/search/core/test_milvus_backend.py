@@ -203,8 +203,21 @@ def test_a_released_collection_is_loaded_again_by_the_next_search(milvus_index):
     index.add([1, 2], unit_vectors(2, seed=9))
     key, client = index._client()
     client.release_collection(index.collection)
+    assert index.search(unit_vectors(2, seed=9), k=1)[0][:, 0].tolist() == [1, 2], "an index that had it loaded"
+    client.release_collection(index.collection)
     other = create_index("milvus", DIM, collection=index.collection)
-    assert other.search(unit_vectors(2, seed=9), k=1)[0][:, 0].tolist() == [1, 2]
+    assert other.search(unit_vectors(2, seed=9), k=1)[0][:, 0].tolist() == [1, 2], "one opened afterwards"
+
+
+def test_a_collection_dropped_by_another_process_reads_as_empty_and_the_next_add_makes_it_again(milvus_index):
+    """A rebuild elsewhere drops the collection under an index that had it open."""
+    index = milvus_index()
+    index.add([1, 2], unit_vectors(2, seed=10))
+    create_index("milvus", DIM, collection=index.collection).drop()
+    assert (index.search(unit_vectors(1), k=2)[0] == -1).all()
+    assert index.count() == 0
+    index.add([3], unit_vectors(1, seed=11))
+    np.testing.assert_array_equal(index.ids(), [3])
 
 
 # --------------------------------------------------------------------------
