@@ -34,7 +34,7 @@ import numpy as np
 from django.conf import settings
 from django.db import connection
 
-from embeddings.models import Embedding
+from embeddings.models import Embedding, EmbeddingModel
 from search.models import IndexBuild, VectorChange
 
 DEFAULT_WRITER_WAIT = 2.0
@@ -180,3 +180,8 @@ def prune_changes(model, modality: str, read_up_to: int) -> int:
     key = _key_column(modality)
     return VectorChange.objects.filter(model_id=model.pk, **{f"{key}__isnull": False},
                                        id__lte=read_up_to).delete()[0]
+
+
+def forget_deleted_models() -> int:
+    """Drop the logged changes of models that no longer exist (their vectors went with them)."""
+    return VectorChange.objects.exclude(model_id__in=EmbeddingModel.objects.values("pk")).delete()[0]

@@ -33,7 +33,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from embeddings.models import Embedding, EmbeddingModel
-from search import curation, index_sync
+from search import curation, index_changes, index_sync
 from search.locking import lock_assets, lock_content
 from search.models import ImageAsset, IndexBuild
 
@@ -219,6 +219,8 @@ def reconcile(*, stuck_after: float | None = None, files: bool = False, dry_run:
     report = ReconcileReport(dry_run=dry_run)
     requeue_stuck(report, stuck_after, dry_run=dry_run)
     check_indices(report, repair=not dry_run)
+    if not dry_run:
+        index_changes.forget_deleted_models()
     if files:
         check_files(report, dry_run=dry_run)
     report.took_s = round(time.perf_counter() - started, 3)

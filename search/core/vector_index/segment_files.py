@@ -201,16 +201,28 @@ def _frame(magic: bytes, header: dict) -> bytes:
     return head + b"\0" * (-len(head) % 8)
 
 
+# Segment files never change once written, so a process checks each one once: a sync reads
+# the keys of every segment, and hashing a large base's keys each time would cost time in
+# proportion to the collection. A file rewritten in place (a tear) has another size or time.
+_VERIFIED: set[tuple] = set()
+_VERIFIED_MAX = 4096
+
+
 def _map(path, checksum):
     """(header, mapped bytes, offset of the data) of a framed file, its magic checked by the caller."""
     try:
         with open(path, "rb") as fh:
-            size = os.fstat(fh.fileno()).st_size
-            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+            stat = os.fstat(fh.fileno())
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if stat.st_size else b""
     except (OSError, ValueError) as exc:
         raise VectorIndexError(f"cannot read {os.fspath(path)!r}: {exc}") from exc
     if checksum is not None:
-        _check_digest(path, _sha256(data), checksum)
+        seen = (os.fspath(path), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, str(checksum))
+        if seen not in _VERIFIED:
+            _check_digest(path, _sha256(data), checksum)
+            if len(_VERIFIED) >= _VERIFIED_MAX:
+                _VERIFIED.clear()
+            _VERIFIED.add(seen)
     prefix = 8 + _LEN.size
     if len(data) < prefix:
         raise VectorIndexError(f"{os.fspath(path)!r} is too short to be a segment file")

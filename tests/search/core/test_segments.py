@@ -126,6 +126,15 @@ def test_a_delta_segment_round_trips_rows_and_tombstones(tmp_path):
     assert sha == sha256_file(tmp_path / "d.vdelta")
 
 
+def test_a_segment_torn_after_it_was_checked_is_refused_again(tmp_path):
+    sha = write_delta(tmp_path / "d.vdelta", DIM, [1, 2, 3], unit_vectors(3))
+    read_delta(tmp_path / "d.vdelta", sha)  # checked once, then trusted while unchanged ...
+    data = (tmp_path / "d.vdelta").read_bytes()
+    (tmp_path / "d.vdelta").write_bytes(data[:-4])  # ... torn in place
+    with pytest.raises(ChecksumMismatch):
+        read_delta(tmp_path / "d.vdelta", sha)
+
+
 def test_a_keys_file_and_a_manifest_round_trip(tmp_path):
     sha = write_keys(tmp_path / "k.keys", [30, 2, 11])
     assert read_keys(tmp_path / "k.keys", sha).tolist() == [2, 11, 30]
