@@ -25,10 +25,13 @@ off (``fp16`` is the default).
 
 A search inside a ``Subset`` stays exact. Its ids are turned into rows of the
 flat store (``faiss_subsets.RowMap``, kept until the next change like the
-copies above); a subset of at most ``gather_max_fraction`` of the rows is
-scored row by row where the rows lie, a larger one by the usual scan (the fp16
-one for single queries) with a bitmap selector of its rows, which skips the
-others. On CUDA the product over all rows is masked before the top-k.
+copies above); a subset of at most ``gather_max_fraction`` (10 %) of the rows
+is scored row by row where the rows lie, a larger one by the usual scan (the
+fp16 one for single queries) with a bitmap selector of its rows, which skips
+the others' inner products. On 31,000 rows (``manage.py bench_filters``) the
+two cost the same at 10 % (0.6 ms); at 1 % rows take 0.06 ms against 0.14 ms
+for the scan, at 50 % 2.7 against 1.9 ms (the unfiltered scan: 3.4 ms). On
+CUDA the product over all rows is masked before the top-k.
 """
 
 from __future__ import annotations
@@ -97,7 +100,7 @@ class FaissFlatIndex(VectorIndex):
     backend = "faiss-flat"
     #: Subsets of at most this fraction of the rows are scored row by row in
     #: place; larger ones are scanned with a selector (see the module docstring).
-    gather_max_fraction: float = 0.25
+    gather_max_fraction: float = 0.1
 
     def __init__(self, dim: int, **params):
         super().__init__(dim, **params)

