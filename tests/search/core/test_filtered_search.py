@@ -442,3 +442,50 @@ def test_pgvector_filtered_searches_leave_the_session_settings_alone(pg_big):
         assert order() == before
     index.search(unit_vectors(1), K)  # an unfiltered search sets its strict order again
     assert order() == "strict_order"
+
+
+# --------------------------------------------------------------------------
+# The benchmark command (tiny sizes)
+# --------------------------------------------------------------------------
+
+
+def bench_filters(**options) -> str:
+    """What ``manage.py bench_filters`` prints for a small run."""
+    from django.conf import settings
+
+    if not settings.configured:
+        pytest.skip("management commands need Django settings (run under bin/test)")
+    import io
+
+    from django.core.management import call_command
+
+    out = io.StringIO()
+    call_command("bench_filters", size=3000, dim=DIM, clusters=16, queries=10, stdout=out, **options)
+    return out.getvalue()
+
+
+def _table_rows(text: str) -> list[list[str]]:
+    return [[cell.strip() for cell in line.split("|")] for line in text.splitlines()
+            if line.count("|") == 7 and "recall" not in line]
+
+
+def test_bench_filters_prints_recall_and_latency_per_subset_and_strategy():
+    text = bench_filters(backend="faiss-hnsw", selectivities="50,1", no_store=True)
+    assert "load average at start" in text
+    rows = _table_rows(text)
+    # unfiltered, then 2 selectivities x (random, clusters) x 3 strategies
+    assert len(rows) == 1 + 2 * 2 * 3
+    assert {row[2] for row in rows[1:]} == {"auto", "exact", "graph"}
+    exact = [float(row[3]) for row in rows if row[2] == "exact"]
+    assert exact == [1.0] * 4, "exact over the subset is the reference itself"
+
+
+def test_bench_filters_stores_its_figures_as_a_benchmark_run(db):
+    from evaluation.models import BenchmarkRun
+
+    text = bench_filters(backend="faiss-flat", selectivities="10")
+    assert "stored as benchmark run" in text
+    run = BenchmarkRun.objects.get()
+    assert run.stage == "manage.py bench_filters" and run.index_backend == "faiss-flat"
+    assert run.extra["benchmark"] == "filtered-search"
+    assert {row["strategy"] for row in run.extra["sweep"]} == {"-", "auto", "rows", "selector"}
