@@ -313,6 +313,11 @@ class Subset:
         self.sql: str | None = sql
         self.sql_params: tuple = tuple(sql_params)
 
+    def __bool__(self) -> bool:
+        # A filter keeping nothing is still a filter: ``if subset:`` must not read an
+        # empty subset as no subset (which would return every row).
+        return True
+
     def __len__(self) -> int:
         if self.ids is None:
             raise TypeError("a Subset given only as SQL has no size known in Python")

@@ -159,7 +159,7 @@ def test_a_subset_keeps_its_ids_sorted_unique_and_int64():
     assert subset.ids.dtype == np.int64 and subset.ids.flags.c_contiguous
     np.testing.assert_array_equal(subset.ids, [3, 7, 9])
     assert len(subset) == 3 and subset.sql is None
-    assert len(Subset([])) == 0
+    assert len(Subset([])) == 0 and Subset([]), "an empty filter is still a filter"
     already = np.arange(5, dtype=np.int64)
     assert Subset(already).ids is already, "sorted unique ids are kept as they are"
 
