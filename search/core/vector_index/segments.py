@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -58,6 +60,7 @@ from search.core.vector_index.segment_files import (
 )
 
 __all__ = [
+    "ExactRows",
     "HeldSegment",
     "MergeConflict",
     "MergePlan",
@@ -102,15 +105,56 @@ class HeldSegment:
 
 def load_segment(directory: str | os.PathLike, ref: SegmentRef, *, mapped: bool = False) -> HeldSegment:
     """Load one segment of a manifest in ``directory``, its checksum verified (``mapped``:
-    a base's storage mapped from its file where the backend allows it)."""
+    a base's storage mapped from its file where the backend allows it). A delta of at most
+    EXACT_ROWS_MAX rows is scored with one matrix product, a larger one by ``faiss-flat``."""
     path = Path(directory) / ref.file
     if ref.kind == "base":
         return HeldSegment(ref, open_base(path, ref.sha256, mapped=mapped))
     delta = read_delta(path, ref.sha256)
-    index = create_index("faiss-flat", delta.dim)
-    if delta.rows:
+    if delta.rows <= EXACT_ROWS_MAX:
+        index = ExactRows(delta.keys, delta.vectors)
+    else:
+        index = create_index("faiss-flat", delta.dim)
         index.add(delta.keys, delta.vectors)
     return HeldSegment(ref, index, np.sort(delta.keys), delta.tombstones)
+
+
+EXACT_ROWS_MAX = 4096
+
+
+class ExactRows:
+    """A few rows searched exactly by one matrix product: for a small delta, cheaper than an
+    index's own checks and copies, which cost more than the scan itself below a few
+    thousand rows."""
+
+    exact = True
+    backend = "faiss-flat"
+
+    def __init__(self, keys: np.ndarray, vectors: np.ndarray):
+        self.keys = np.ascontiguousarray(keys, dtype=np.int64)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)  # a copy: the file may go
+
+    def count(self) -> int:
+        return len(self.keys)
+
+    def ids(self) -> np.ndarray:
+        return np.sort(self.keys)
+
+    def search(self, queries: np.ndarray, k: int, subset: Subset | None = None):
+        out_ids, out_scores = empty_results(len(queries), k)
+        scores = queries @ self.vectors.T
+        if subset is not None:
+            scores[:, ~in_sorted(subset.require_ids(self.backend), self.keys)] = -np.inf
+        take = min(k, scores.shape[1])
+        if take:
+            part = np.argpartition(-scores, take - 1, axis=1)[:, :take] if take < scores.shape[1] else \
+                np.broadcast_to(np.arange(take), scores.shape)
+            best = np.take_along_axis(scores, part, axis=1)
+            order = np.argsort(-best, axis=1, kind="stable")
+            rows, best = np.take_along_axis(part, order, axis=1), np.take_along_axis(best, order, axis=1)
+            out_ids[:, :take] = np.where(np.isfinite(best), self.keys[rows], -1)
+            out_scores[:, :take] = best
+        return out_ids, out_scores
 
 
 class SegmentedIndex(VectorIndex):
@@ -164,8 +208,15 @@ class SegmentedIndex(VectorIndex):
         queries = as_vectors(queries, self.dim, allow_single=True)
         k = as_k(k)
         subset = as_subset(subset)
-        found = [_search_live(segment, hidden, queries, k, subset)
-                 for segment, hidden in zip(self.segments, self._hidden) if segment.ref.live > 0]
+        live = [(segment, hidden) for segment, hidden in zip(self.segments, self._hidden) if segment.ref.live > 0]
+        pool = _pool() if sum(s.ref.rows for s, _ in live if s.ref.kind == "delta") >= PARALLEL_MIN_ROWS else None
+        if pool is not None and len(live) > 1 and live[0][0].ref.kind == "base":
+            # The deltas on another thread while this one walks the base (FAISS and numpy
+            # let go of the GIL), so large deltas add little to a search's time.
+            deltas = pool.submit(lambda: [_search_live(s, h, queries, k, subset) for s, h in live[1:]])
+            found = [_search_live(*live[0], queries, k, subset)] + deltas.result()
+        else:
+            found = [_search_live(segment, hidden, queries, k, subset) for segment, hidden in live]
         out_ids, out_scores = empty_results(len(queries), k)
         if not found or not len(queries):
             return out_ids, out_scores
@@ -184,6 +235,32 @@ class SegmentedIndex(VectorIndex):
     @classmethod
     def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
         raise VectorIndexError("a segmented version is opened from its manifest")
+
+
+# Deltas holding at least this many rows together are searched beside the base, on a
+# thread of their own ($VECTOR_INDEX_SEGMENT_THREADS threads per process; 0: never).
+PARALLEL_MIN_ROWS = 2048
+THREADS_ENV_VAR = "VECTOR_INDEX_SEGMENT_THREADS"
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool() -> ThreadPoolExecutor | None:
+    """This process's threads for delta searches (made again in a forked child)."""
+    try:
+        threads = int(os.environ.get(THREADS_ENV_VAR, "2"))
+    except ValueError:
+        threads = 2
+    if threads <= 0:
+        return None
+    pid = os.getpid()
+    pool = _pools.get(pid)
+    if pool is None:
+        with _pools_lock:
+            pool = _pools.get(pid)
+            if pool is None:
+                pool = _pools[pid] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="segment-search")
+    return pool
 
 
 def _search_live(segment: HeldSegment, hidden: np.ndarray, queries: np.ndarray, k: int, subset):
