@@ -26,6 +26,7 @@ class BenchmarkRun(models.Model):
         QUERY_LATENCY = "query-latency", "query latency over HTTP"
         INDEX_SCALE = "index-scale", "vector index recall and latency at scale"
         INGESTION = "ingestion", "ingestion throughput"
+        LIVE_INDEX = "live-index", "upload to searchable, segments and merges"
 
     class Status(models.TextChoices):
         QUEUED = "queued"

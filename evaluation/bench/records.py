@@ -29,7 +29,9 @@ def kind_of(figures: dict) -> str:
         return BenchmarkRun.Kind.INGESTION
     if {"backend", "sweep", "build_seconds", "ground_truth_seconds", "data"} <= set(figures):
         return BenchmarkRun.Kind.INDEX_SCALE
-    raise ValueError("not the output of bench_queries, bench_ingest or bench_index")
+    if figures.get("kind") == BenchmarkRun.Kind.LIVE_INDEX:
+        return BenchmarkRun.Kind.LIVE_INDEX
+    raise ValueError("not the output of bench_queries, bench_ingest, bench_index or bench_live_index")
 
 
 def _finished_run(kind: str, seconds, stage: str, **fields) -> BenchmarkRun:
@@ -99,6 +101,20 @@ def record_index_scale(result: dict) -> BenchmarkRun:
     )
 
 
+def record_live_index(result: dict) -> BenchmarkRun:
+    return _finished_run(
+        BenchmarkRun.Kind.LIVE_INDEX, result.get("duration_s"), "manage.py bench_live_index",
+        dataset="synthetic",
+        dataset_path=f"clustered-sphere n={result['n']} dim={result['dim']} seed={result['seed']}",
+        collection=result.get("collection", ""),
+        gallery_images=result["n"],
+        index_backend=result["backend"],
+        index_params=result.get("params") or {},
+        machine=result.get("machine") or {},
+        extra=result,
+    )
+
+
 def record_file_figures(figures: dict) -> BenchmarkRun:
     """Store the figures of a benchmark's ``--output`` JSON as a run."""
     kind = kind_of(figures)
@@ -106,4 +122,6 @@ def record_file_figures(figures: dict) -> BenchmarkRun:
         return record_query_latency(figures)
     if kind == BenchmarkRun.Kind.INDEX_SCALE:
         return record_index_scale(figures)
+    if kind == BenchmarkRun.Kind.LIVE_INDEX:
+        return record_live_index(figures)
     return record_ingestion(figures)
