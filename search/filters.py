@@ -28,6 +28,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.db.models import F, Q
+from django.db.models.signals import post_delete, post_save
+from django.dispatch import receiver
 from django.utils import timezone
 
 from search import visibility
@@ -38,7 +40,7 @@ from search.errors import InvalidQuery
 from search.models import Collection, ImageAsset
 from search.validation import ALLOWED_FORMATS
 
-__all__ = ["FILTER_PARAMETERS", "SORTS", "SearchFilters", "facets", "parse_filters", "subset_for"]
+__all__ = ["FILTER_PARAMETERS", "SORTS", "SearchFilters", "facets", "hidden_names", "parse_filters", "subset_for"]
 
 #: The request parameters of a filter (repeat a list parameter for several values).
 FILTER_PARAMETERS = ("collection", "exclude_collection", "uploader", "date_from", "date_to", "format",
@@ -215,10 +217,45 @@ def _collections(names: list[str], hidden: tuple[str, ...], name: str) -> tuple[
     return tuple(names)
 
 
+class HiddenNames:
+    """The collections hidden from each kind of user (``visibility.hidden_collections``), read
+    at most every SEARCH_FILTER_REFRESH seconds per process: every search needs them, and the
+    round trip cost more than all the rest of an unfiltered search's filter work. A collection
+    made private is hidden from searches within that time (at once in the process that saved it);
+    pages, listings and files check it on every request."""
+
+    def __init__(self):
+        self._names: dict[tuple, tuple[float, tuple[str, ...]]] = {}
+
+    def forget(self) -> None:
+        self._names = {}
+
+    def of(self, user) -> tuple[str, ...]:
+        level = visibility.hidden_levels(user)
+        if not level:
+            return ()
+        found = self._names.get(level)
+        if found is not None and time.monotonic() - found[0] < settings.SEARCH_FILTER_REFRESH:
+            return found[1]
+        names = tuple(visibility.hidden_collections(user))
+        self._names = {**self._names, level: (time.monotonic(), names)}
+        return names
+
+
+hidden_names = HiddenNames()
+
+
+@receiver([post_save, post_delete], sender=Collection)
+def _visibility_changed(**kwargs) -> None:
+    hidden_names.forget()
+
+
 def parse_filters(data, user) -> SearchFilters:
     """The filter a request asks for (query string, form or JSON body), checked; what ``user``
     may not see is added. Bad or contradictory values raise ``InvalidQuery`` with the reason."""
-    hidden = tuple(visibility.hidden_collections(user))
+    hidden = hidden_names.of(user)
+    if not any(_values(data, name) for name in FILTER_PARAMETERS):
+        return SearchFilters(hidden=hidden)  # the common case: no query to build for nothing
     collections = _collections(_values(data, "collection"), hidden, "collection")
     excluded = _collections(_values(data, "exclude_collection"), hidden, "exclude_collection")
     both = set(collections) & set(excluded)

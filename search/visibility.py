@@ -17,24 +17,24 @@ def _is_staff(user) -> bool:
     return bool(user is not None and user.is_authenticated and user.is_active and user.is_staff)
 
 
-def _hidden_levels(user) -> list[str]:
+def hidden_levels(user) -> tuple[str, ...]:
     """The visibility levels this user may not see."""
     if _is_staff(user):
-        return []
+        return ()
     if user is not None and user.is_authenticated and user.is_active:
-        return [_LEVEL.STAFF]
-    return [_LEVEL.USERS, _LEVEL.STAFF]
+        return (_LEVEL.STAFF,)
+    return (_LEVEL.USERS, _LEVEL.STAFF)
 
 
 def may_see(user, visibility: str) -> bool:
     """Whether this user may see a collection of this visibility."""
-    return visibility not in _hidden_levels(user)
+    return visibility not in hidden_levels(user)
 
 
 def hidden_collections(user) -> list[str]:
     """Names of the collections this user may not see: one query on a table of a few rows,
     none at all for staff (every search asks)."""
-    levels = _hidden_levels(user)
+    levels = hidden_levels(user)
     if not levels:
         return []
     return list(Collection.objects.filter(visibility__in=levels).order_by().values_list("name", flat=True))
@@ -44,7 +44,7 @@ def visible_assets(user, queryset=None):
     """``queryset`` (all assets by default) without the assets of collections hidden from this
     user. Still lazy: the hidden names go in as a subquery of the same SQL statement."""
     queryset = ImageAsset.objects.all() if queryset is None else queryset
-    levels = _hidden_levels(user)
+    levels = hidden_levels(user)
     if not levels:
         return queryset
     return queryset.exclude(collection__in=Collection.objects.filter(visibility__in=levels).values("name"))
@@ -63,5 +63,5 @@ def can_view(user, asset) -> bool:
 
 def visible_collections(user):
     """The ``Collection`` rows this user may see."""
-    levels = _hidden_levels(user)
+    levels = hidden_levels(user)
     return Collection.objects.exclude(visibility__in=levels) if levels else Collection.objects.all()

@@ -65,6 +65,7 @@ def forget_the_serving_model():
     filters = sys.modules.get("search.filters")
     if filters is not None:  # nor from an earlier test's table of filterable attributes
         filters.facets.forget()
+        filters.hidden_names.forget()
 
 
 @pytest.fixture(scope="session")

@@ -266,3 +266,35 @@ def test_every_search_mode_obeys_the_visibility_of_a_collection(gallery, api_cli
     found = ({h["asset"]["id"] for h in text["results"]} | {h["asset"]["id"] for h in similar["images"]}
              | {c["asset_id"] for c in similar["captions"]} | {h.asset.pk for h in page.context["result"].images})
     assert bool(found & north) == (level in sees)
+
+
+def test_the_milvus_backend_takes_the_portal_filters_inside_its_search(tiny_model, settings, tmp_path, staff_user):
+    if not settings.MILVUS_URI:
+        pytest.skip("the milvus backend needs a Milvus server: run under bin/test or set MILVUS_URI")
+    settings.MEDIA_ROOT, settings.INDEX_DIR = tmp_path / "media", tmp_path / "indices"
+    settings.VECTOR_INDEX_BACKEND = "milvus"
+    settings.VECTOR_INDEX_PARAMS = {"collection_prefix": "test_filters_"}
+    EmbeddingModel.objects.filter(pk=tiny_model.pk).update(logit_scale=0.0, logit_bias=5.0)
+    assets = [_add(i, tiny_model, staff_user) for i in range(40)]
+    try:
+        index_sync.sync_indices(tiny_model)
+        rare = queries.search_text("a red square", k=5, filters=_filters(collection="rare"))
+        assert sorted(_ids(rare)) == sorted(a.pk for a in assets if a.collection == "rare")
+        everything = _ids(queries.search_text("a red square", k=40))
+        portrait = {a.pk for a in assets if _shape(a) == "portrait"}
+        found = queries.search_text("a red square", k=8, filters=_filters(orientation="portrait"))
+        assert _ids(found) == [i for i in everything if i in portrait][:8]
+    finally:
+        for modality in index_sync.MODALITIES:
+            index_sync._new_index(tiny_model, modality).drop()
+
+
+def test_a_collection_made_private_in_the_admin_is_hidden_from_the_next_search(gallery, api_client, settings):
+    settings.SEARCH_FILTER_REFRESH = 3600  # no refresh by time: the save itself must tell the searches
+    before = api_client.post("/api/search/text/", {"query": "a red square", "k": 40}, format="json").json()
+    assert "north" in {h["asset"]["collection"] for h in before["results"]}
+    north = Collection.objects.get(name="north")
+    north.visibility = Collection.Visibility.USERS
+    north.save()
+    after = api_client.post("/api/search/text/", {"query": "a red square", "k": 40}, format="json").json()
+    assert "north" not in {h["asset"]["collection"] for h in after["results"]}
