@@ -3,13 +3,21 @@
     python -m tests.faults.django_helpers setup DIR        # tiny model, staff user + token
     python -m tests.faults.django_helpers index-setup N    # a second model with N stored vectors
     python -m tests.faults.django_helpers index-write      # rebuild its image index, slowly
+    python -m tests.faults.django_helpers index-mutate A R # A vectors stored, R deleted (assets and all)
+    python -m tests.faults.django_helpers index-sync       # a sync (a delta), at full speed
+    python -m tests.faults.django_helpers index-delta-write  # the same, slowly
+    python -m tests.faults.django_helpers index-merge      # fold the deltas into a new base, at full speed
+    python -m tests.faults.django_helpers index-merge-write  # the same, slowly
     python -m tests.faults.django_helpers index-check      # what a freshly started process serves
     python -m tests.faults.django_helpers soak-setup       # a curator for the admin
     python -m tests.faults.django_helpers soak-check FILE  # the soak's invariants against its ledger
 
 ``index-write`` writes the index file in small slices with pauses and reports its phases
 (``writing``, ``renamed``, ``committed``) to FAULT_EVENTS, so the driver can kill it
-inside each window. Only this process is slowed; the code it runs is the real one.
+inside each window. Only this process is slowed; the code it runs is the real one. The
+slowed delta sync and merge report each file they write by kind as well (``writing-delta``,
+``renamed-delta``, ``writing-manifest``, ``renamed-manifest``, ``writing-base``,
+``renamed-keys`` …), so a kill can land before and after every write step.
 """
 
 from __future__ import annotations
@@ -74,12 +82,21 @@ def index_setup(count: int) -> dict:
     return {"model_id": model.pk, "vectors": Embedding.objects.filter(model=model).count()}
 
 
+FILE_KINDS = {".vdelta": "delta", ".manifest": "manifest", ".vidx": "base", ".keys": "keys"}
+
+
+def _file_kind(path) -> str:
+    from pathlib import Path
+
+    return FILE_KINDS.get(Path(path).suffix, "file")
+
+
 def _slow_writes(chunk: int, pause: float, hold: float) -> None:
     from search import index_sync
     from search.core.vector_index import base
 
     real_atomic_write = base.atomic_write
-    real_prune = index_sync._prune_old_versions
+    real_prune = index_sync.prune_versions
 
     class Slices:
         def __init__(self, fh):
@@ -96,12 +113,16 @@ def _slow_writes(chunk: int, pause: float, hold: float) -> None:
             return len(view)
 
     def atomic_write(path, write):
+        kind = _file_kind(path)
+
         def sliced(fh):
             event("writing")
+            event(f"writing-{kind}")
             write(Slices(fh))
 
         checksum = real_atomic_write(path, sliced)
         event("renamed")  # the file is in place; its IndexBuild row is not committed yet
+        event(f"renamed-{kind}")
         time.sleep(hold)
         return checksum
 
@@ -111,7 +132,7 @@ def _slow_writes(chunk: int, pause: float, hold: float) -> None:
         return real_prune(model, modality)
 
     base.atomic_write = atomic_write
-    index_sync._prune_old_versions = prune
+    index_sync.prune_versions = prune
 
 
 def index_write(chunk: int, pause: float, hold: float) -> dict:
@@ -123,6 +144,54 @@ def index_write(chunk: int, pause: float, hold: float) -> dict:
     result = index_sync.sync_index(model, "image", rebuild=True)
     event("done")
     return {"version": result.build.version, "count": result.build.vector_count}
+
+
+def index_mutate(add: int, remove: int) -> dict:
+    """``add`` new assets with a vector each, and ``remove`` existing ones deleted (their
+    vectors go with them, as in a curator's delete)."""
+    import numpy as np
+
+    from embeddings.models import Embedding, EmbeddingModel
+    from search.models import ImageAsset
+
+    model = EmbeddingModel.objects.get(name=INDEX_MODEL)
+    rng = np.random.default_rng()
+    existing = list(ImageAsset.objects.filter(collection="index-fault").values_list("pk", flat=True))
+    gone = [int(i) for i in rng.choice(existing, size=min(remove, len(existing)), replace=False)] if remove else []
+    ImageAsset.objects.filter(pk__in=gone).delete()
+    added = []
+    for _ in range(add):
+        token = rng.integers(1 << 62)
+        asset = ImageAsset.objects.create(sha256=f"{token:064x}", file=f"images/index-fault/m{token}.png", width=1,
+                                          height=1, format="PNG", collection="index-fault", status="embedded")
+        vector = rng.standard_normal(INDEX_DIM).astype(np.float32)
+        Embedding.objects.create(model=model, asset=asset, vector=Embedding.pack(vector / np.linalg.norm(vector)))
+        added.append(asset.pk)
+    return {"added": added, "removed": gone}
+
+
+def index_sync_once() -> dict:
+    from embeddings.models import EmbeddingModel
+    from search import index_sync
+
+    model = EmbeddingModel.objects.get(name=INDEX_MODEL)
+    result = index_sync.sync_index(model, "image")
+    event("done")
+    return {"version": result.build.version, "count": result.build.vector_count, "added": result.added,
+            "removed": result.removed}
+
+
+def index_merge_once() -> dict:
+    from embeddings.models import EmbeddingModel
+    from search import index_merge, index_sync
+    from search.core.vector_index.segments import MergePlan
+
+    model = EmbeddingModel.objects.get(name=INDEX_MODEL)
+    version = index_sync.latest_version(model, "image")
+    plan = MergePlan("base", ((0, len(version.manifest.segments)),), "fault run")
+    result = index_merge.merge_index(model, "image", plan=plan)
+    event("done")
+    return result.as_dict()
 
 
 def index_check() -> dict:
@@ -141,15 +210,23 @@ def index_check() -> dict:
     served = loaded.index if loaded is not None else None
     served_version = loaded.version if loaded is not None else None
     wanted = set(index_sync.stored_ids(model, "image").tolist())
+    served_ids = set(served.ids().tolist()) if served is not None else set()
     directory = Path(index_sync.index_dir(model, "image"))
+    named, _ = index_sync.referenced_files(IndexBuild.objects.filter(model=model, modality="image"))
+    files = [p for p in directory.iterdir() if p.is_file()] if directory.is_dir() else []
+    build = IndexBuild.objects.filter(model=model, modality="image", version=served_version).first()
     return {
         "ready_versions": ready_before,
         "served_version": served_version,
         "served_count": served.count() if served is not None else 0,
-        "served_matches_postgres": served is not None and set(served.ids().tolist()) == wanted,
+        "served_build_count": build.vector_count if build is not None else None,
+        "served_matches_postgres": served is not None and served_ids == wanted,
+        "lost": len(wanted - served_ids),
+        "ghosts": len(served_ids - wanted),
         "failed_versions": list(IndexBuild.objects.filter(model=model, modality="image", status="failed")
                                 .values_list("version", flat=True)),
-        "temp_files": len(list(directory.glob(".*.tmp"))) if directory.is_dir() else 0,
+        "temp_files": sum(p.name.endswith(".tmp") for p in files),
+        "unreferenced_files": sum(not p.name.endswith(".tmp") and p.resolve() not in named for p in files),
         "expected": len(wanted),
     }
 
@@ -267,6 +344,14 @@ def main(argv: list[str]) -> int:
         result = index_write(int(os.environ.get("FAULT_CHUNK", "16384")),
                              float(os.environ.get("FAULT_PAUSE", "0.01")),
                              float(os.environ.get("FAULT_HOLD", "0.3")))
+    elif command == "index-mutate":
+        result = index_mutate(int(args[0]), int(args[1]))
+    elif command in ("index-sync", "index-delta-write", "index-merge", "index-merge-write"):
+        if command.endswith("-write"):
+            _slow_writes(int(os.environ.get("FAULT_CHUNK", "16384")), float(os.environ.get("FAULT_PAUSE", "0.01")),
+                         float(os.environ.get("FAULT_HOLD", "0.3")))
+        result = index_sync_once() if command.startswith("index-sync") or command == "index-delta-write" \
+            else index_merge_once()
     elif command == "index-check":
         result = index_check()
     elif command == "soak-setup":

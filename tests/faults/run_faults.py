@@ -2,8 +2,8 @@
 Celery processes on loopback), then counts of what was lost.
 
     .venv/bin/python -m tests.faults.run_faults                    # the full run
-    .venv/bin/python -m tests.faults.run_faults --worker-kills 4 --index-kills 3 \\
-        --valkey-restarts 1 --postgres-restarts 1                  # what the test suite runs
+    .venv/bin/python -m tests.faults.run_faults --worker-kills 4 --index-kills 3 --delta-kills 5 \\
+        --merge-kills 6 --valkey-restarts 1 --postgres-restarts 1  # what the test suite runs
 
 Scenarios:
 
@@ -19,6 +19,13 @@ index kills      a process writing a new index version is killed in each phase (
                  the temp file, after the rename but before the version is committed, after the
                  commit); some newest files are also torn on purpose. A freshly started process
                  must then serve the last good version, complete, and never an empty or torn one.
+delta kills      vectors are stored and assets deleted, then the sync writing them as a delta is
+                 killed before and after each write step (the delta file, the manifest, the
+                 commit). A fresh process must serve the newest committed version, whole; after
+                 the next sync it must hold exactly what Postgres holds (nothing lost, no deleted
+                 row back: no ghost), with no temp or unnamed file left.
+merge kills      the same around a merge folding the deltas into a new base (the base file, its
+                 keys, the manifest, the commit); the next merge must succeed and clean up.
 postgres restart PostgreSQL stopped and started under search load, with the worker embedding:
                  the portal must answer 503 quickly (never 500, never hang) and recover, and no
                  upload may be lost.
@@ -299,6 +306,79 @@ def index_kills(stack: FaultStack, kills: int, log, rng: random.Random, vectors:
     return report
 
 
+DELTA_PHASES = ("writing-delta", "renamed-delta", "writing-manifest", "renamed-manifest", "committed")
+MERGE_PHASES = ("writing-base", "renamed-base", "renamed-keys", "writing-manifest", "renamed-manifest", "committed")
+
+
+def segment_kills(stack: FaultStack, kills: int, log, rng: random.Random, *, merge: bool = False,
+                  vectors: int = 1500) -> Report:
+    """A sync writing a delta (or a merge writing a new base) killed with SIGKILL before and
+    after each of its write steps, in turn; then what a fresh process serves, and what it
+    serves once the next sync (and merge) has run."""
+    report = Report()
+    stack.helper("index-setup", str(vectors))
+    events_path = stack.root / "events-segments.txt"
+    slow = {"FAULT_EVENTS": str(events_path), "FAULT_CHUNK": "128" if not merge else "8192", "FAULT_PAUSE": "0.01",
+            "FAULT_HOLD": "0.4"}
+    stack.helper("index-sync")  # the last good version to start from
+    phases = MERGE_PHASES if merge else DELTA_PHASES
+    kind = "merge" if merge else "delta"
+    problems_before = len(report.problems)
+    lost = ghosts = 0
+    for i in range(kills):
+        phase = phases[i % len(phases)]
+        changed = stack.helper("index-mutate", "3", "2")
+        if merge:
+            stack.helper("index-sync")  # a delta to fold
+        before = stack.helper("index-check")
+        events_path.write_text("")
+        writer = stack.spawn_helper("index-merge-write" if merge else "index-delta-write", env=slow,
+                                    log_name=f"{kind}-writer")
+        try:
+            wait_until(lambda: f" {phase}\n" in events_path.read_text(), 60, f"the {kind} to reach {phase!r}",
+                       interval=0.005)
+        except TimeoutError:
+            writer.kill()
+            raise
+        if phase.startswith("writing"):
+            time.sleep(rng.uniform(0.0, 0.05))  # inside the write of the temp file
+        stack.kill_worker(writer)
+        report.faults += 1
+        after = stack.helper("index-check")
+        newest = after["ready_versions"][0] if after["ready_versions"] else None
+        ok = (after["served_version"] == newest and after["served_count"] == after["served_build_count"])
+        if phase != "committed" and after["served_version"] != before["served_version"]:
+            ok = False  # a version that was never committed must not be served
+        if not ok:
+            report.problems.append(f"{kind} kill {i + 1} ({phase}): before {before}, after {after}")
+        # The next writers: the changes the killed one did not commit are written, its files removed.
+        stack.helper("index-mutate", "1", "1")
+        stack.helper("index-sync")
+        if merge:
+            stack.helper("index-merge")
+        check = stack.helper("index-check")
+        lost, ghosts = lost + check["lost"], ghosts + check["ghosts"]
+        if check["lost"] or check["ghosts"] or check["temp_files"] or check["unreferenced_files"]:
+            report.problems.append(f"{kind} kill {i + 1} ({phase}), after the next writes: {check}")
+        log(f"  kill {i + 1}/{kills} at {phase} ({len(changed['added'])} stored, {len(changed['removed'])} deleted "
+            f"before it): serving v{after['served_version']} ({after['served_count']} vectors); after the next "
+            f"writes v{check['served_version']}, lost {check['lost']}, ghosts {check['ghosts']}, leftovers "
+            f"{check['temp_files'] + check['unreferenced_files']}")
+    report.lost = lost
+    report.details = {"ghosts": ghosts, "phases": list(phases), "wrong_after_kill": len(report.problems) - problems_before}
+    if ghosts:
+        report.problems.append(f"{ghosts} deleted rows came back")
+    return report
+
+
+def delta_kills(stack: FaultStack, kills: int, log, rng: random.Random, vectors: int = 1500) -> Report:
+    return segment_kills(stack, kills, log, rng, vectors=vectors)
+
+
+def merge_kills(stack: FaultStack, kills: int, log, rng: random.Random, vectors: int = 1500) -> Report:
+    return segment_kills(stack, kills, log, rng, merge=True, vectors=vectors)
+
+
 def postgres_restarts(stack: FaultStack, restarts: int, log, rng: random.Random, outage: float = 3.0,
                       uploads: int = 24) -> Report:
     report = Report()
@@ -387,6 +467,8 @@ def warm_up(stack: FaultStack) -> None:
 
 SCENARIOS = {
     "index_kills": index_kills,
+    "delta_kills": delta_kills,
+    "merge_kills": merge_kills,
     "worker_kills": worker_kills,
     "valkey_restarts": valkey_restarts,
     "postgres_restarts": postgres_restarts,
@@ -427,12 +509,15 @@ def main(argv=None) -> int:
     parser.add_argument("--worker-kills", type=int, default=20)
     parser.add_argument("--valkey-restarts", type=int, default=3)
     parser.add_argument("--index-kills", type=int, default=12)
+    parser.add_argument("--delta-kills", type=int, default=20)
+    parser.add_argument("--merge-kills", type=int, default=12)
     parser.add_argument("--postgres-restarts", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     args = parser.parse_args(argv)
     counts = {"worker_kills": args.worker_kills, "valkey_restarts": args.valkey_restarts,
-              "index_kills": args.index_kills, "postgres_restarts": args.postgres_restarts}
+              "index_kills": args.index_kills, "delta_kills": args.delta_kills, "merge_kills": args.merge_kills,
+              "postgres_restarts": args.postgres_restarts}
     started = time.monotonic()
     results = run(counts, seed=args.seed)
     summary = {name: report.as_dict() for name, report in results.items()}

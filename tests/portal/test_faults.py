@@ -53,6 +53,18 @@ def test_index_writes_killed_in_every_phase_leave_the_last_good_version_served(s
     assert report.details["torn_files"] == 1 and report.details["temp_files_after_next_write"] == 0
 
 
+def test_delta_syncs_killed_before_and_after_each_write_lose_nothing_and_bring_nothing_back(stack):
+    report = run_faults.delta_kills(stack, len(run_faults.DELTA_PHASES), stack.lines.append, random.Random(5))
+    check(report, stack.lines, len(run_faults.DELTA_PHASES))
+    assert report.details["ghosts"] == 0 and report.details["wrong_after_kill"] == 0
+
+
+def test_merges_killed_before_and_after_each_write_leave_the_last_version_served(stack):
+    report = run_faults.merge_kills(stack, len(run_faults.MERGE_PHASES), stack.lines.append, random.Random(6))
+    check(report, stack.lines, len(run_faults.MERGE_PHASES))
+    assert report.details["ghosts"] == 0 and report.details["wrong_after_kill"] == 0
+
+
 def test_a_worker_killed_while_embedding_loses_nothing_and_duplicates_nothing(stack):
     report = run_faults.worker_kills(stack, 2, stack.lines.append, random.Random(2))
     check(report, stack.lines, 2)
