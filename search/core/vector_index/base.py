@@ -34,6 +34,7 @@ import numpy as np
 
 __all__ = [
     "ChecksumMismatch",
+    "StorageBackedIndex",
     "FILE_FORMAT_VERSION",
     "MAGIC",
     "Subset",
@@ -552,4 +553,49 @@ class VectorIndex(abc.ABC):
         )
         if index.dim != header["dim"] or index.count() != header["count"]:
             raise VectorIndexError("index payload does not match its header")
+        return index
+
+
+class StorageBackedIndex(VectorIndex):
+    """A backend whose rows live in a server (a PostgreSQL table, a Milvus collection): its
+    file is a small manifest naming that storage, and loading it gives the live rows.
+
+    Subclasses say what names their storage (``_manifest``) and how to tell it still exists
+    (``_storage_exists``)."""
+
+    snapshot_files = False
+
+    @abc.abstractmethod
+    def _manifest(self) -> dict:
+        """What names this index's storage (with the dimension), as JSON-able values."""
+
+    @abc.abstractmethod
+    def _storage_exists(self) -> bool:
+        """Whether the storage the manifest names is there."""
+
+    #: What the storage is called in messages ("table", "collection").
+    storage_noun: ClassVar[str] = "storage"
+
+    def _serialize_payload(self):
+        return json.dumps(self._manifest(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
+        try:
+            manifest = json.loads(bytes(payload).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise VectorIndexError(f"corrupt {cls.backend!r} manifest: {exc}") from exc
+        index = cls(dim, **params)
+        if manifest != index._manifest():
+            raise VectorIndexError(f"{cls.backend!r} manifest does not match the file header")
+        return index
+
+    @classmethod
+    def _from_file_parts(cls, header: dict, payload: memoryview) -> "VectorIndex":
+        # The storage is live: its row count may differ from the one at saving time.
+        index = cls._deserialize_payload(payload, dim=header["dim"], params=dict(header["params"]),
+                                         count=header["count"])
+        if not index._storage_exists():
+            raise VectorIndexError(f"the {cls.storage_noun} named by this index file does not exist: "
+                                   f"{index._manifest()}")
         return index

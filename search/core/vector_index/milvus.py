@@ -56,7 +56,6 @@ a scope), ``m`` (16), ``ef_construction`` (64), ``ef`` (64, search parameter),
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -68,8 +67,8 @@ from typing import Callable
 import numpy as np
 
 from search.core.vector_index.base import (
+    StorageBackedIndex,
     Subset,
-    VectorIndex,
     VectorIndexError,
     _is_int,
     as_ids,
@@ -192,12 +191,12 @@ def _code(exc) -> int | None:
     return getattr(exc, "code", None)
 
 
-class MilvusIndex(VectorIndex):
+class MilvusIndex(StorageBackedIndex):
     """Rows in a Milvus collection, searched through its HNSW index."""
 
     backend = "milvus"
     exact = False
-    snapshot_files = False
+    storage_noun = "collection"
     search_param_names = frozenset({"ef", "exact_subset_max"})
 
     def __init__(self, dim: int, **params):
@@ -544,29 +543,9 @@ class MilvusIndex(VectorIndex):
     def _manifest(self) -> dict:
         return {"collection": self.collection, "dim": self.dim}
 
-    def _serialize_payload(self):
-        return json.dumps(self._manifest(), sort_keys=True, separators=(",", ":")).encode("utf-8")
-
-    @classmethod
-    def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
-        try:
-            manifest = json.loads(bytes(payload).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise VectorIndexError(f"corrupt {cls.backend!r} manifest: {exc}") from exc
-        index = cls(dim, **params)
-        if manifest != index._manifest():
-            raise VectorIndexError(f"{cls.backend!r} manifest does not match the file header")
-        return index
-
-    @classmethod
-    def _from_file_parts(cls, header: dict, payload: memoryview) -> "VectorIndex":
-        # The collection is live: its row count may differ from the one at saving time.
-        index = cls._deserialize_payload(payload, dim=header["dim"], params=dict(header["params"]),
-                                         count=header["count"])
-        key, client = index._client()
-        if not index._exists(key, client):
-            raise VectorIndexError(f"the collection {index.collection!r} named by this index file does not exist")
-        return index
+    def _storage_exists(self) -> bool:
+        key, client = self._client()
+        return self._exists(key, client)
 
     def __repr__(self) -> str:
         return f"<MilvusIndex collection={self.collection!r} dim={self.dim}>"

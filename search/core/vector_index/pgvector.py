@@ -71,7 +71,6 @@ Parameters: ``table`` (default: a new random name; pass one, or use
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import secrets
@@ -83,8 +82,8 @@ from typing import Callable
 import numpy as np
 
 from search.core.vector_index.base import (
+    StorageBackedIndex,
     Subset,
-    VectorIndex,
     VectorIndexError,
     _is_int,
     as_ids,
@@ -225,12 +224,12 @@ def _scope_table(scope: str) -> str:
     return f"vecidx_{name}"[:55] if name else f"vecidx_{secrets.token_hex(8)}"
 
 
-class PgVectorIndex(VectorIndex):
+class PgVectorIndex(StorageBackedIndex):
     """Rows in a PostgreSQL table, searched through a pgvector HNSW index."""
 
     backend = "pgvector"
     exact = False
-    snapshot_files = False
+    storage_noun = "table"
     sql_subsets = True
     search_param_names = frozenset({"ef_search"})
 
@@ -573,27 +572,6 @@ class PgVectorIndex(VectorIndex):
     def _manifest(self) -> dict:
         return {"schema": self.params["schema"], "table": self.params["table"], "dim": self.dim}
 
-    def _serialize_payload(self):
-        return json.dumps(self._manifest(), sort_keys=True, separators=(",", ":")).encode("utf-8")
+    def _storage_exists(self) -> bool:
+        return self._exists(self._connection())
 
-    @classmethod
-    def _deserialize_payload(cls, payload, *, dim: int, params: dict, count: int):
-        try:
-            manifest = json.loads(bytes(payload).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise VectorIndexError(f"corrupt {cls.backend!r} manifest: {exc}") from exc
-        obj = cls(dim, **params)
-        if manifest != obj._manifest():
-            raise VectorIndexError(f"{cls.backend!r} manifest does not match the file header")
-        return obj
-
-    @classmethod
-    def _from_file_parts(cls, header: dict, payload: memoryview) -> "VectorIndex":
-        # The table is live: its row count may differ from the one at saving time.
-        index = cls._deserialize_payload(
-            payload, dim=header["dim"], params=dict(header["params"]), count=header["count"]
-        )
-        conn = index._connection()
-        if not index._exists(conn):
-            raise VectorIndexError(f"the table {index.params['table']!r} named by this index file does not exist")
-        return index
