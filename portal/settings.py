@@ -241,6 +241,8 @@ INDEX_MERGE_TOMBSTONE_FRACTION = float(os.environ.get("INDEX_MERGE_TOMBSTONE_FRA
 INDEX_MERGE_MIN_ROWS = int(os.environ.get("INDEX_MERGE_MIN_ROWS", "1000"))
 INDEX_MERGE_MAX_DELTAS = int(os.environ.get("INDEX_MERGE_MAX_DELTAS", "8"))
 INDEX_REBUILD_GROWTH = float(os.environ.get("INDEX_REBUILD_GROWTH", "4"))
+# For an approximate backend, a merge gives a delta of this many rows an HNSW graph (0: never).
+INDEX_DELTA_GRAPH_ROWS = int(os.environ.get("INDEX_DELTA_GRAPH_ROWS", "4096"))
 INDEX_MERGE_QUEUE = os.environ.get("INDEX_MERGE_QUEUE", "")
 # Seconds a sync waits for transactions still writing vectors before it reads past them.
 INDEX_SYNC_WRITER_WAIT = float(os.environ.get("INDEX_SYNC_WRITER_WAIT", "2"))

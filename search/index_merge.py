@@ -36,8 +36,17 @@ from django.db import connection, transaction
 from embeddings.models import EmbeddingModel
 from search import index_sync
 from search.core.vector_index.base import in_sorted
+from search.core.vector_index.registry import get_backend
 from search.core.vector_index.segment_files import Manifest, SegmentRef, open_base, read_delta, read_keys, write_delta
-from search.core.vector_index.segments import MergeConflict, MergePlan, fold_deltas, fold_into, plan_merge, replace_runs
+from search.core.vector_index.segments import (
+    MergeConflict,
+    MergePlan,
+    fold_deltas,
+    fold_into,
+    index_delta,
+    plan_merge,
+    replace_runs,
+)
 from search.models import IndexBuild
 
 log = logging.getLogger(__name__)
@@ -110,14 +119,23 @@ def _fold(model, modality, version: index_sync.Version, plan: MergePlan, written
     base's index or None)."""
     manifest, directory = version.manifest, version.directory
     if plan.kind == "deltas":
+        policy = index_sync.merge_policy()
+        graphs = policy.graph_rows and not get_backend(manifest.backend).exact
         folded = {}
         for start, stop in plan.runs:
             delta = fold_deltas([read_delta(directory / ref.file, ref.sha256) for ref in manifest.segments[start:stop]])
-            name = f"{index_sync.MERGE_PREFIX}delta-{version.build.version:06d}-{secrets.token_hex(4)}.vdelta"
-            sha = write_delta(directory / name, manifest.dim, delta.keys, delta.vectors, delta.tombstones)
-            written.append(directory / name)
-            folded[(start, stop)] = SegmentRef("delta", name, sha, (directory / name).stat().st_size,
-                                               rows=delta.rows, live=0, tombstones=len(delta.tombstones))
+            stem = f"{index_sync.MERGE_PREFIX}delta-{version.build.version:06d}-{secrets.token_hex(4)}"
+            sha = write_delta(directory / f"{stem}.vdelta", manifest.dim, delta.keys, delta.vectors, delta.tombstones)
+            written.append(directory / f"{stem}.vdelta")
+            graph = graph_sha = ""
+            if graphs and delta.rows >= policy.graph_rows:  # searched through a graph, not scanned
+                graph = f"{stem}.graph.vidx"
+                written.append(directory / graph)
+                graph_sha = index_delta(delta).save(directory / graph)
+            size = sum((directory / name).stat().st_size for name in (f"{stem}.vdelta", graph) if name)
+            folded[(start, stop)] = SegmentRef("delta", f"{stem}.vdelta", sha, size, rows=delta.rows, live=0,
+                                               tombstones=len(delta.tombstones), index_file=graph,
+                                               index_sha256=graph_sha)
         return folded, None
     name = f"{index_sync.MERGE_PREFIX}base-{version.build.version:06d}-{secrets.token_hex(4)}.vidx"
     if plan.kind == "base":

@@ -256,6 +256,7 @@ def merge_policy() -> MergePolicy:
         min_rows=int(settings.INDEX_MERGE_MIN_ROWS),
         max_deltas=int(settings.INDEX_MERGE_MAX_DELTAS),
         rebuild_growth=float(settings.INDEX_REBUILD_GROWTH),
+        graph_rows=int(settings.INDEX_DELTA_GRAPH_ROWS),
     )
 
 

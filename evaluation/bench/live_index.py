@@ -56,7 +56,7 @@ from evaluation.bench.synthetic_vectors import CHUNK, ClusteredSphere, vector_ch
 from search import asset_vectors, index_merge, index_sync
 from search.bulk_embedding import insert_vectors
 from search.core.vector_index.segment_files import read_manifest
-from search.core.vector_index.segments import MergePlan
+from search.core.vector_index.segments import MergePlan, plan_merge
 from search.curation import ensure_collection
 from search.models import ImageAsset, IndexBuild
 
@@ -357,6 +357,14 @@ class LiveIndexBenchmark:
         for thread in threads:
             thread.join()
 
+    def _warm_all(self) -> None:
+        """Concurrent searches, so that every web worker opens the newest version."""
+        threads = [threading.Thread(target=self._search_some, args=(10, 100 + i)) for i in range(2 * self.opts["workers"])]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
     def _search_some(self, count: int, seed: int) -> None:
         client = SearchClient(self.url, timeout=600)
         rng = np.random.default_rng(seed)
@@ -460,27 +468,35 @@ class LiveIndexBenchmark:
         gone = np.zeros(self.n, dtype=bool)
         gone[gone_rows] = True
         self.live_rows = self.rows[~gone]
-        threads = [threading.Thread(target=self._search_some, args=(10, 100 + i)) for i in range(2 * self.opts["workers"])]
-        for thread in threads:  # the web workers open the version with the deltas
-            thread.start()
-        for thread in threads:
-            thread.join()
+        self._warm_all()  # the web workers open the version with the deltas
         queries = self.data.queries(self.opts["queries"])
         truth = self._truth(queries, gone_rows, added_ids, added_vectors)
         version = index_sync.open_version(synced.build, mapped=True)
+        after_sync = measure_search(version, queries, truth, self.k, {})
+        self.write(f"  sync of the {share:.0%}/{share:.0%} change: {sync_seconds:.2f} s, {synced.bytes_written / 1e6:.1f} MB; "
+                   f"searched right after it: recall@{self.k} {after_sync[f'recall@{self.k}']}, p50 "
+                   f"{after_sync['p50_ms']} ms, p95 {after_sync['p95_ms']} ms")
+        # What the worker does next, before the deltas reach a base merge: fold small deltas
+        # together and give a large one of an approximate backend a graph.
+        delta_merge = None
+        plan = plan_merge(version.manifest, index_sync.merge_policy())
+        if plan is not None and plan.kind == "deltas":
+            delta_merge = index_merge.merge_index(model, IMAGE, plan=plan).as_dict()
+            version = index_sync.open_version(index_sync.latest_build(model, IMAGE), mapped=True)
+            self._warm_all()
         manifest = version.manifest
         figures = measure_search(version, queries, truth, self.k, {})
         found = np.stack([version.search(q, self.k)[0][0] for q in queries])
         out = {
             "added": extra, "removed": removed, "sync_seconds": round(sync_seconds, 3),
-            "sync_bytes": synced.bytes_written,
-            "segments": [{"kind": r.kind, "rows": r.rows, "live": r.live, "tombstones": r.tombstones}
-                         for r in manifest.segments],
+            "sync_bytes": synced.bytes_written, "search_after_sync": after_sync, "delta_merge": delta_merge,
+            "segments": [{"kind": r.kind, "rows": r.rows, "live": r.live, "tombstones": r.tombstones,
+                          "graph": bool(r.index_file)} for r in manifest.segments],
             "search": figures,
         }
-        self.write(f"  sync of the {share:.0%}/{share:.0%} change: {sync_seconds:.2f} s, {synced.bytes_written / 1e6:.1f} MB; "
-                   f"with deltas: recall@{self.k} {figures[f'recall@{self.k}']}, p50 {figures['p50_ms']} ms, "
-                   f"p95 {figures['p95_ms']} ms")
+        if delta_merge is not None:
+            self.write(f"  the worker's delta merge ({delta_merge['reason']}): {delta_merge['seconds']} s; then recall@"
+                       f"{self.k} {figures[f'recall@{self.k}']}, p50 {figures['p50_ms']} ms, p95 {figures['p95_ms']} ms")
         return out, {"queries": queries, "truth": truth, "found": found, "figures": figures,
                      "added_ids": added_ids, "index": version}
 

@@ -275,6 +275,22 @@ def test_small_deltas_are_folded_together_past_the_limit(tiny_model, isolated, s
     assert index.ids().tolist() == sorted(index_sync.stored_ids(tiny_model, IMAGE).tolist())
 
 
+def test_a_merge_gives_a_large_delta_of_an_approximate_index_a_graph(tiny_model, isolated, settings):
+    settings.VECTOR_INDEX_BACKEND, settings.VECTOR_INDEX_PARAMS = "faiss-hnsw", {"ef_search": 64}
+    settings.INDEX_DELTA_GRAPH_ROWS = 20
+    store(tiny_model, 30)
+    index_sync.sync_index(tiny_model, IMAGE)
+    added = store(tiny_model, 25)  # a bulk import: one sync, one large delta
+    assert index_sync.sync_index(tiny_model, IMAGE).merge_due == "deltas"
+    merged = index_merge.merge_index(tiny_model, IMAGE)
+    build = index_sync.latest_build(tiny_model, IMAGE)
+    delta = manifest_of(build).segments[-1]
+    assert merged.kind == "deltas" and delta.index_file and (Path(build.file_path).parent / delta.index_file).exists()
+    index = serving.LoadedIndices().get(tiny_model, IMAGE)
+    assert all(nearest(index, vector_of(tiny_model, a)) == a.pk for a in added)
+    assert index_sync.sync_index(tiny_model, IMAGE).merge_due == ""
+
+
 def test_a_sync_task_queues_the_merge_that_is_due(tiny_model, isolated, settings, monkeypatch):
     settings.INDEX_MERGE_DELTA_FRACTION = 0.1
     queued = []

@@ -7,7 +7,9 @@ A version is a small JSON **manifest** naming immutable segment files, oldest fi
   large, rewritten only by a merge, with its sorted keys beside it (``.keys``), so a
   writer can tell which keys it holds without loading it;
 * **delta** segments: the rows one sync added or replaced (exact float32 vectors) and the
-  keys it removed from the older segments (tombstones), small.
+  keys it removed from the older segments (tombstones), small; a large one (folded by a
+  merge) of an approximate backend also gets an HNSW graph of its rows (``index_file``), so
+  searching it does not scan every row.
 
 Every file is written atomically (``base.atomic_write``: temp file, fsync, rename) and
 named in the manifest with its sha256, so a version is complete or absent, never torn
@@ -85,9 +87,11 @@ class SegmentRef:
     keys_sha256: str = ""
     built_rows: int = 0  # base: rows it was built from scratch with (what its structure learnt from)
     table: bool = False  # base of a table-backed backend: the file names live storage
+    index_file: str = ""  # delta: an index of its rows (a graph, for approximate backends)
+    index_sha256: str = ""
 
     def files(self) -> list[str]:
-        return [self.file] + ([self.keys_file] if self.keys_file else [])
+        return [self.file] + [name for name in (self.keys_file, self.index_file) if name]
 
 
 @dataclass(frozen=True)

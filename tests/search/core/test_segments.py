@@ -27,6 +27,7 @@ from search.core.vector_index.segments import (
     append_delta,
     fold_deltas,
     fold_into,
+    index_delta,
     load_segment,
     plan_merge,
     replace_runs,
@@ -385,3 +386,34 @@ def test_a_learning_backend_is_rebuilt_once_it_has_grown(tmp_path):
     assert plan_merge(world.manifest, policy) is None
     world.step([2 * 10 ** 6], unit_vectors(1))
     assert plan_merge(world.manifest, policy).kind == "rebuild"
+
+
+def test_a_large_delta_of_an_approximate_index_is_planned_a_graph_and_answers_through_it(tmp_path):
+    world = World(tmp_path, backend="faiss-hnsw", n=300, ef_search=64)
+    policy = MergePolicy(delta_fraction=10.0, tombstone_fraction=1.0, min_rows=0, max_deltas=50, graph_rows=100)
+    world.step(10 ** 6 + np.arange(99), unit_vectors(99, seed=40))
+    assert plan_merge(world.manifest, policy) is None
+    world.step(2 * 10 ** 6 + np.arange(150), unit_vectors(150, seed=41), removed=[1000 * 3])
+    plan = plan_merge(world.manifest, policy)
+    assert (plan.kind, plan.runs) == ("deltas", ((2, 3),))  # only the large one, alone
+    delta = read_delta(tmp_path / world.manifest.segments[2].file)
+    graph_sha = index_delta(delta).save(tmp_path / "graph.vidx")
+    ref = SegmentRef("delta", world.manifest.segments[2].file, world.manifest.segments[2].sha256, 0, rows=150,
+                     live=0, tombstones=1, index_file="graph.vidx", index_sha256=graph_sha)
+    graphed = replace_runs(world.manifest, world.manifest, {(2, 3): ref})
+    assert plan_merge(graphed, policy) is None and "graph.vidx" in graphed.files()
+    version = open_version(tmp_path, graphed, mapped=True)
+    assert type(version.segments[2].index).__name__ == "FaissHNSWIndex"
+    keys = np.asarray(sorted(world.rows))
+    queries = unit_vectors(40, seed=94)
+    truth, _ = brute_force(keys, np.stack([world.rows[k] for k in keys.tolist()]), queries, 10)
+    assert recall(version.search(queries, 10)[0], truth) >= 0.95
+    assert version.ids().tolist() == keys.tolist()
+
+
+def test_an_exact_index_keeps_its_large_deltas_exact(tmp_path):
+    world = World(tmp_path, n=100)
+    policy = MergePolicy(delta_fraction=10.0, tombstone_fraction=1.0, min_rows=0, max_deltas=50, graph_rows=10)
+    world.step(10 ** 6 + np.arange(50), unit_vectors(50))
+    assert plan_merge(world.manifest, policy) is None
+
