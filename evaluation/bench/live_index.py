@@ -15,8 +15,10 @@ and gunicorn server:
 2. **segments**: 1 % of the rows added as new vectors and 1 % of the base's removed, written
    by one sync as a delta; single-query latency (p50, p95) and recall@k of that version, in
    this process, against the exact top-k;
-3. **merge**: the deltas folded into a new base (``index_merge.merge_index``, timed) while a
-   client searches the web server without a pause; its latency before, during and after,
+3. **merge**: the deltas folded into a new base by a Celery worker (``merge_index_task``, the
+   merge the thresholds make due; ``INDEX_MERGE_MIN_ROWS`` aside, so that small collections
+   merge too) while a client searches the web server without a pause; its latency before,
+   during and after,
    the workers' memory while they open the new base, then the merged version measured as
    in 2 (and, for an exact backend, its answers compared with the segmented ones).
 
@@ -35,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -147,12 +150,14 @@ class RssSampler:
 
 
 class LiveIndexBenchmark:
-    """One run with the command's options ``opts``; ``schedule_sync(model_id)`` queues an
-    index sync after the commit, as the embedding task does (the caller's: services queue
-    no tasks)."""
+    """One run with the command's options ``opts``. The caller gives the queueing (services
+    queue no tasks): ``schedule_sync(model_id)`` queues an index sync after the commit, as the
+    embedding task does; ``queue_merge(model_id, modality)`` queues the merge that is due and
+    returns its Celery result."""
 
-    def __init__(self, opts: dict, write, warn, schedule_sync):
-        self.opts, self.write, self.warn, self.schedule_sync = opts, write, warn, schedule_sync
+    def __init__(self, opts: dict, write, warn, schedule_sync, queue_merge):
+        self.opts, self.write, self.warn = opts, write, warn
+        self.schedule_sync, self.queue_merge = schedule_sync, queue_merge
         self.backend = opts["backend"] or settings.VECTOR_INDEX_BACKEND
         self.n, self.dim, self.k = opts["n"], opts["dim"], opts["k"]
         self.data = ClusteredSphere(self.dim, opts["clusters"], opts["spread"], opts["seed"])
@@ -305,9 +310,9 @@ class LiveIndexBenchmark:
 
     # -- processes ------------------------------------------------------------------------------
 
-    def _start_worker(self) -> subprocess.Popen:
+    def _start_worker(self, **extra_env) -> subprocess.Popen:
         env = dict(os.environ, DJANGO_SETTINGS_MODULE="portal.settings", PORTAL_STATE_DIR=str(settings.STATE_DIR),
-                   **self.env)
+                   **self.env, **extra_env)
         log_path = Path(settings.STATE_DIR) / "bench" / "live-worker.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, "-m", "celery", "-A", "portal", "worker", "--loglevel=WARNING", "--concurrency=2",
@@ -479,7 +484,8 @@ class LiveIndexBenchmark:
         # What the worker does next, before the deltas reach a base merge: fold small deltas
         # together and give a large one of an approximate backend a graph.
         delta_merge = None
-        plan = plan_merge(version.manifest, index_sync.merge_policy())
+        policy = replace(index_sync.merge_policy(), delta_fraction=float("inf"), tombstone_fraction=float("inf"))
+        plan = plan_merge(version.manifest, policy)  # what it does short of a base merge
         if plan is not None and plan.kind == "deltas":
             delta_merge = index_merge.merge_index(model, IMAGE, plan=plan).as_dict()
             version = index_sync.open_version(index_sync.latest_build(model, IMAGE), mapped=True)
@@ -523,8 +529,9 @@ class LiveIndexBenchmark:
     # -- 3. merge under searches ------------------------------------------------------------------------
 
     def _merge(self, model, context) -> dict:
+        """The merge that is due, run by a Celery worker (its own process, as deployed) while
+        a client searches the web server."""
         version = index_sync.latest_version(model, IMAGE)
-        plan = MergePlan("base", ((0, len(version.manifest.segments)),), "benchmark")
         pids = worker_pids(self.pgid)
         latencies: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -540,25 +547,32 @@ class LiveIndexBenchmark:
                 latencies.append((began, wall))
                 client.close()
 
+        current_app.control.purge()  # no merge left queued by the uploads
+        worker = self._start_worker(INDEX_MERGE_MIN_ROWS="0")
         searcher = threading.Thread(target=search_continuously, daemon=True)
-        with RssSampler(pids, interval=0.05) as rss:
-            searcher.start()
-            time.sleep(self.opts["merge_baseline"])
-            merge_start = time.monotonic()
-            self.write(f"Merging {len(version.manifest.segments)} segments into a new base while searching …")
-            result = index_merge.merge_index(model, IMAGE, plan=plan)
-            merge_end = time.monotonic()
-            build = index_sync.latest_build(model, IMAGE)
-            new_base = read_manifest(build.file_path).base.file
-            deadline = time.monotonic() + 900
-            while not all(maps_file(pid, new_base) for pid in pids) and time.monotonic() < deadline:
-                time.sleep(0.2)  # the web workers open the new base in the background
-            swapped = time.monotonic()
-            opened = all(maps_file(pid, new_base) for pid in pids)
-            time.sleep(self.opts["merge_baseline"])
+        try:
+            with RssSampler(pids, interval=0.05) as rss:
+                searcher.start()
+                time.sleep(self.opts["merge_baseline"])
+                self.write(f"A worker merges the {len(version.manifest.segments)} segments into a new base while a "
+                           "client searches …")
+                merge_start = time.monotonic()
+                result = self.queue_merge(model.pk, IMAGE).get(timeout=3600)
+                merge_end = time.monotonic()
+                build = index_sync.latest_build(model, IMAGE)
+                new_base = read_manifest(build.file_path).base.file
+                deadline = time.monotonic() + 900
+                while not all(maps_file(pid, new_base) for pid in pids) and time.monotonic() < deadline:
+                    time.sleep(0.2)  # the web workers open the new base in the background
+                swapped = time.monotonic()
+                opened = all(maps_file(pid, new_base) for pid in pids)
+                time.sleep(self.opts["merge_baseline"])
+                stop.set()
+                searcher.join()
+                after_start = swapped
+        finally:
             stop.set()
-            searcher.join()
-            after_start = swapped
+            self._stop_worker(worker)
         before = [w for t, w in latencies if t < merge_start]
         during = [w for t, w in latencies if merge_start <= t < merge_end]
         opening = [w for t, w in latencies if merge_end <= t < swapped]
@@ -569,7 +583,8 @@ class LiveIndexBenchmark:
         segmented = context["figures"]
         paired = paired_latency(context["index"], merged, context["queries"], self.k)
         out = {
-            "kind": result.kind, "seconds": result.seconds, "bytes_written": result.bytes_written,
+            "kind": result["kind"], "reason": result["reason"], "skipped": result["skipped"],
+            "seconds": result["seconds"], "bytes_written": result["bytes_written"],
             "swap_seconds": round(swapped - merge_end, 2) if opened else None,
             "search_ms": {"before": latency_summary(before), "during": latency_summary(during),
                           "opening": latency_summary(opening), "after": latency_summary(after)},
@@ -582,7 +597,8 @@ class LiveIndexBenchmark:
             "recall_segments_minus_merged": round(segmented[f"recall@{self.k}"] - figures[f"recall@{self.k}"], 4),
             "identical_answers": round(float(np.mean(np.all(found == context["found"], axis=1))), 4),
         }
-        self.write(f"  merge: {result.seconds:.1f} s, {result.bytes_written / 1e6:.1f} MB; web workers on the new base "
+        self.write(f"  merge ({result['kind'] or result['skipped']}): {result['seconds']:.1f} s, "
+                   f"{result['bytes_written'] / 1e6:.1f} MB; web workers on the new base "
                    f"{out['swap_seconds']} s later; search p95 before {out['search_ms']['before'].get('p95')} ms, "
                    f"during {out['search_ms']['during'].get('p95')} ms (×{out['p95_during_over_before']}); RSS peak/steady "
                    f"{out['rss']['peak_over_steady']}")

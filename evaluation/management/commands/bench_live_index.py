@@ -18,7 +18,7 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand
 
 from evaluation.bench.live_index import PHASES, LiveIndexBenchmark, save_live_results
-from search.tasks import schedule_index_sync
+from search.tasks import merge_index_task, schedule_index_sync
 
 
 class Command(BaseCommand):
@@ -50,7 +50,8 @@ class Command(BaseCommand):
                             help="run even though the database holds assets other than the benchmark's")
 
     def handle(self, *args, **opts):
-        benchmark = LiveIndexBenchmark(opts, self.stdout.write, self.stderr.write, schedule_index_sync)
+        benchmark = LiveIndexBenchmark(opts, self.stdout.write, self.stderr.write, schedule_index_sync,
+                                       lambda model_id, modality: merge_index_task.delay(model_id, modality))
         self.stdout.write(f"{benchmark.backend}: n={opts['n']:,} dim={opts['dim']} phases={opts['phases']}")
         results = benchmark.run()
         save_live_results(results, opts["output"], opts["no_store"], self.stdout.write, self.stderr.write)
