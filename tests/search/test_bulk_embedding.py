@@ -156,7 +156,7 @@ def test_bench_ingest_command_reports_every_stage_stores_the_run_and_cleans_up(t
     assert copied.model_name == run.model_name == "bench-siglip-base-random"
     bad = tmp_path / "bad.json"
     bad.write_text('{"what": 1}')
-    with pytest.raises(CommandError, match="not the output of bench_queries, bench_ingest or bench_index"):
+    with pytest.raises(CommandError, match="not the output of bench_queries, bench_ingest, bench_index or bench_live_index"):
         call_command("record_benchmark", str(bad))
     bad.write_text("{broken")
     with pytest.raises(CommandError, match="cannot read it as JSON"):
