@@ -25,11 +25,13 @@ sorted. Keys and tombstones come before the vectors, so a writer reads them with
 touching the vectors.
 
 **Mapped base segments.** ``open_base(mapped=True)`` gives an index whose FAISS storage
-(the float32 vectors of ``faiss-flat``, the vectors and graph of ``faiss-hnsw``) points
-into a read-only mapping of the file instead of a copy: the pages are the page cache's,
-shared by every process that maps the file, read from disk as searches touch them, and
-dropped with the mapping. ``faiss-ivfpq`` maps its re-ranking codes by itself; other
-backends are loaded as usual. The checksum is then verified by reading the file, not
+(the float32 vectors of ``faiss-flat``, the vectors and graph of ``faiss-hnsw``, the
+inverted lists, quantizer and id maps of ``faiss-ivfpq``) points into a read-only mapping
+of the file instead of a copy: the pages are the page cache's, shared by every process
+that maps the file, read from disk as searches touch them, and dropped with the mapping.
+Other backends are loaded as usual. (The mappers build the backends' objects from their
+payload layout, which their own loaders define; ``tests/search/core/test_segments.py``
+checks that each answers as the loaded one.) The checksum is then verified by reading the file, not
 through the mapping, so verifying does not make the whole file resident in the process.
 A mapped index is read-only: it is for serving, never for a merge.
 """
@@ -407,4 +409,58 @@ def _map_hnsw(header: dict, payload) -> VectorIndex:
     return obj
 
 
-_MAPPERS = {"faiss-flat": _map_flat, "faiss-hnsw": _map_hnsw}
+def _map_ivfpq(header: dict, payload) -> VectorIndex:
+    """IVF-PQ's parts as its own loader reads them, but every part a view of the mapping: the
+    inverted lists and quantizer through FAISS, the id maps and list numbers as arrays (its
+    loader copies those; it maps the re-ranking codes already)."""
+    import faiss
+
+    from search.core.vector_index.faiss_ivfpq import _PARTS, PAYLOAD_VERSION, FaissIVFPQIndex
+
+    dim = header["dim"]
+    obj = FaissIVFPQIndex(dim, **header["params"])
+    try:
+        version, index_len, codec_len, rows, code_size, n_buffered, n_ids = _PARTS.unpack_from(payload, 0)
+        if version != PAYLOAD_VERSION:
+            raise ValueError(f"payload format {version!r}, expected {PAYLOAD_VERSION!r}")
+        offset = _PARTS.size
+        expected = (offset + index_len + codec_len + rows * (code_size + 4) + n_buffered * (8 + 4 * dim)
+                    + 8 * n_ids + (8 * n_ids if rows else 0))
+        if expected != len(payload):
+            raise ValueError("payload length does not match its parts")
+    except (struct.error, ValueError) as exc:
+        raise VectorIndexError(f"corrupt faiss-ivfpq payload: {exc}") from exc
+
+    def take(nbytes, dtype="<u1"):
+        nonlocal offset
+        part = np.frombuffer(payload, dtype=dtype, count=nbytes // np.dtype(dtype).itemsize, offset=offset)
+        offset += nbytes
+        return part
+
+    index = _mapped_faiss(payload, offset, index_len) if index_len else None
+    offset += index_len
+    codec = _mapped_faiss(payload, offset, codec_len) if codec_len else None
+    offset += codec_len
+    codes = take(rows * code_size).reshape(rows, code_size)
+    lists = take(4 * rows, "<i4")
+    buffer_ids = take(8 * n_buffered, "<i8")
+    buffer_vectors = take(4 * dim * n_buffered, "<f4").reshape(-1, dim)
+    sorted_ids = take(8 * n_ids, "<i8")
+    sorted_rows = take(8 * n_ids, "<i8") if rows else np.empty(0, np.int64)
+    stored = 0
+    if index is not None:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if not isinstance(ivf, faiss.IndexIVFPQ) or index.d != dim:
+            raise VectorIndexError("payload is not a faiss-ivfpq index")
+        stored = index.ntotal
+    if stored + n_buffered != n_ids or n_ids != header["count"] or (index is not None and n_buffered):
+        raise VectorIndexError("payload does not match the file header")
+    obj._index, obj._codec = index, codec
+    obj._codes, obj._lists, obj._sorted_rows = codes, lists, sorted_rows
+    obj._buffer_ids, obj._buffer_vectors = buffer_ids, buffer_vectors
+    obj._sorted_ids = sorted_ids
+    obj._mapped_payload = payload
+    return obj
+
+
+_MAPPERS = {"faiss-flat": _map_flat, "faiss-hnsw": _map_hnsw, "faiss-ivfpq": _map_ivfpq}

@@ -189,18 +189,23 @@ def test_a_mapped_base_answers_as_the_loaded_one(tmp_path, backend):
         np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("backend", ["faiss-flat", "faiss-hnsw"])
+@pytest.mark.parametrize("backend", ["faiss-flat", "faiss-hnsw", "faiss-ivfpq"])
 def test_a_mapped_base_keeps_its_vectors_in_the_file_mapping(tmp_path, backend):
     import faiss
 
-    index = create_index(backend, DIM)
+    params = {"train_size": 64, "nlist": 4, "pq_nbits": 4} if backend == "faiss-ivfpq" else {}
+    index = create_index(backend, DIM, **params)
     index.add(np.arange(100, dtype=np.int64), unit_vectors(100))
     sha = index.save(tmp_path / "b.vidx")
     mapped = open_base(tmp_path / "b.vidx", sha, mapped=True)
-    graph = mapped._index.index if backend == "faiss-flat" else mapped._index.storage
-    pointer = int(faiss.downcast_index(graph).codes.data())
     start = np.frombuffer(mapped._mapped_payload, dtype=np.uint8).ctypes.data
-    assert start <= pointer < start + len(mapped._mapped_payload)
+    if backend == "faiss-ivfpq":
+        lists = faiss.extract_index_ivf(mapped._index).invlists
+        pointers = [int(faiss.downcast_InvertedLists(lists).get_codes(0)), mapped._sorted_ids.ctypes.data]
+    else:
+        storage = mapped._index.index if backend == "faiss-flat" else mapped._index.storage
+        pointers = [int(faiss.downcast_index(storage).codes.data())]
+    assert all(start <= pointer < start + len(mapped._mapped_payload) for pointer in pointers)
 
 
 def test_a_base_with_a_wrong_checksum_is_refused_mapped_or_not(tmp_path):
